@@ -1,0 +1,127 @@
+"""TroL configuration: a vision encoder, a projector and any decoder-only language model, plus the TroL knobs.
+
+Every TroL behaviour is a documented field here (one source of truth); `modeling_trol.py` only reads them.
+This file is remote code: it imports torch/transformers only.
+"""
+
+from typing import Literal
+
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+INFERENCE_TRAVERSAL_MODES = ("question", "question_answer", "none")
+TRAINING_TRAVERSAL_MODES = ("all", "none")
+VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+
+
+class TrolConfig(PreTrainedConfig):
+    r"""
+    Configuration of a TroL ("Traversal of Layers", Lee et al., EMNLP 2024) vision-language model.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`):
+            Config of the vision encoder (any `AutoModel` vision model: CLIP, SigLIP, ...). Default: CLIP ViT-L/14-336.
+        text_config (`dict` or `PreTrainedConfig`):
+            Config of the decoder-only language model (any `AutoModel` decoder of transformers: Llama, Qwen2, Qwen3,
+            Mistral, Phi3, Gemma2, ...). Default: Llama.
+        image_token_id (`int`):
+            Token id whose positions receive the projected image features (one token per image feature).
+        projector_hidden_act (`str`):
+            Activation between the two Linear layers of the projector (Linear -> act -> Linear).
+        multimodal_projector_bias (`bool`):
+            Whether the projector's Linear layers have a bias.
+        vision_feature_layer (`int` or `list[int]`):
+            Hidden state(s) of the vision encoder used as image features (index into `hidden_states`, so -1 is the
+            output of the last encoder layer before any post-layernorm). Several layers are concatenated.
+        vision_feature_select_strategy (`"default"` or `"full"`):
+            `"default"` drops the first (CLS) token of each image, `"full"` keeps every token (use it for encoders
+            without a CLS token, such as SigLIP).
+        use_traversal (`bool`):
+            Master switch. `False` turns the model into its plain backbone: one propagation per layer, gates unused.
+            Meant for ablations and benchmarks; the weights stay loadable either way.
+        share_gates (`bool`):
+            `False` (the paper): one gate Linear(H, 1) per decoder layer. `True`: one gate shared by every layer
+            (what the released BK-Lee/TroL checkpoints hold).
+        gate_init_mixing_ratio (`float`):
+            Mixing ratio w = 0.5*tanh(g(x))+0.5 that a freshly initialised gate produces for every token (its bias is
+            set to atanh(2w-1), its weight to N(0, gate_init_std)). Small, so that untrained traversal barely moves a
+            pretrained backbone (paper Table 7: untrained traversal hurts), yet far from tanh saturation so the gate
+            still learns quickly. Must lie strictly between 0 and 1.
+        gate_init_std (`float`):
+            Standard deviation of the normal init of a fresh gate's weight; 0 makes w start exactly at
+            `gate_init_mixing_ratio` for every token.
+        inference_traversal (`"question"`, `"question_answer"` or `"none"`):
+            Which tokens traverse at inference (paper Tables 9/10). `"question"`: prompt tokens traverse, decoded
+            tokens take one plain pass (default, as in the paper). `"question_answer"`: decoded tokens traverse too
+            (every decoding step costs two passes). `"none"`: nothing traverses (same cost as the backbone, gates
+            ignored).
+        training_traversal (`"all"` or `"none"`):
+            Which tokens traverse in training mode. `"all"` (the paper and the original code): every non-padding
+            token. `"none"`: no token (an ablation; the gates then receive no gradient).
+    """
+
+    model_type = "trol"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "intermediate_size": 4096,
+                "hidden_size": 1024,
+                "patch_size": 14,
+                "image_size": 336,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "projection_dim": 768,
+            },
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 32000
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    vision_feature_layer: int | list[int] = -1
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    use_traversal: bool = True
+    share_gates: bool = False
+    gate_init_mixing_ratio: float = 0.1
+    gate_init_std: float = 0.0
+    inference_traversal: Literal["question", "question_answer", "none"] = "question"
+    training_traversal: Literal["all", "none"] = "all"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The decoder decides whether its output head is tied to its embeddings.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        self._check_trol_fields()
+
+    def _check_trol_fields(self) -> None:
+        choices = {
+            "inference_traversal": INFERENCE_TRAVERSAL_MODES,
+            "training_traversal": TRAINING_TRAVERSAL_MODES,
+            "vision_feature_select_strategy": VISION_FEATURE_SELECT_STRATEGIES,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"TrolConfig.{name}={value!r} is not supported; choose one of {list(allowed)}.")
+        if not 0.0 < self.gate_init_mixing_ratio < 1.0:
+            raise ValueError(
+                f"TrolConfig.gate_init_mixing_ratio={self.gate_init_mixing_ratio} must lie strictly between 0 and 1 "
+                "(the gate's output 0.5*tanh(.)+0.5 never reaches 0 or 1); 0.1 is the default."
+            )
+        if self.gate_init_std < 0:
+            raise ValueError(f"TrolConfig.gate_init_std={self.gate_init_std} must be >= 0.")
+
+    @property
+    def num_gates(self) -> int:
+        """Number of gate Linear(H, 1) modules: one per decoder layer, or one when shared."""
+        return 1 if self.share_gates else self.text_config.num_hidden_layers
+
+
+__all__ = ["TrolConfig"]

@@ -1,0 +1,639 @@
+"""TroL ("Traversal of Layers", Lee et al., EMNLP 2024) on top of any transformers decoder.
+
+A TroL model is LLaVA-shaped: vision encoder -> projector (Linear, act, Linear) -> decoder-only LLM. The novelty is
+the *traversal* of every decoder layer L_i (paper Eq. 1-2), which lives in `TrolLayerForward` below:
+
+    out1 = L_i(x)                         # first propagation
+    out2 = L_i(out1)                      # second propagation, same weights, same mask and positions
+    w    = 0.5 * tanh(g_i(out1)) + 0.5    # g_i = Linear(H, 1): one mixing ratio per token
+    x'   = (1 - w) * out1 + w * out2      # only where the traversal mask is True, else x' = out1
+
+It is hooked into the decoder's *own* layer loop by replacing `forward` on each decoder-layer instance with a
+picklable callable object. The backbone keeps its state-dict keys, PEFT target names, hidden-state counts, gradient
+checkpointing, deepcopy and pickling; calling `model.language_model` alone is exactly the plain backbone.
+
+Where this departs from the paper or the authors' code, and why:
+- KV cache: only the FIRST propagation's keys/values are kept (`_CacheLayerGuard`); the second propagation attends to
+  [earlier cached K/V] ++ [its own K/V for the chunk] and leaves nothing in the cache. The cache is exactly the size
+  of the backbone's, and works for DynamicCache (sliding-window layers too) and StaticCache.
+- Mask rule: training and calls on an empty cache traverse every (non-padding) token; calls on a non-empty cache
+  traverse according to `config.inference_traversal`. `generate()` carries the prompt's mask so that generation
+  means the same thing with and without a cache (generated tokens never traverse in `question` mode). Padding
+  tokens never traverse (the original traversed them; it only changed padding outputs).
+- Gates are per layer by default (the paper); the released checkpoints share one gate (`share_gates=True`).
+  A fresh gate starts at a small mixing ratio (`gate_init_mixing_ratio`), not at PyTorch's random init.
+- With gradient checkpointing the whole TroL layer (both passes + mixer) is one checkpoint: activation memory per
+  layer is the backbone's, recomputation costs the two passes once more.
+- No hard-coded devices, dtypes, quantization or flash-attn imports: all come from `from_pretrained` options.
+"""
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, StaticLayer
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+
+from .configuration_trol import TrolConfig
+
+try:  # private: lets the second propagation stay out of `output_attentions` & co.
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - older/newer transformers: extra outputs may then hold both passes
+    _active_collector = None
+
+TRAVERSAL_KWARG = "trol_traversal"
+"""Keyword under which `TrolModel` hands the traversal state to every decoder layer through the backbone's kwargs."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The TroL unit: gate, cache guard, two-pass layer forward.
+# ----------------------------------------------------------------------------------------------------------------
+class TrolGate(nn.Linear):
+    """g_i = Linear(H, 1) returning the mixing ratio w = 0.5*tanh(g_i(x)) + 0.5, shape (B, q, 1).
+
+    A subclass of nn.Linear on purpose: quantizers only convert exact nn.Linear modules, so gates stay in float.
+    The input is cast to the gate's own dtype/device (it may be kept in fp32 next to a bf16/4-bit decoder)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(hidden_states.to(self.weight.device, self.weight.dtype))
+        return (0.5 * torch.tanh(logits) + 0.5).to(hidden_states.device, hidden_states.dtype)
+
+
+@dataclass
+class TraversalState:
+    """Per-call traversal state handed to the decoder layers.
+
+    gates: the model's gate ModuleList (looked up at call time: PEFT may have wrapped its entries).
+    mask: (B, q) bool, True where a token traverses; None means every token of the chunk traverses."""
+
+    gates: nn.ModuleList
+    mask: torch.Tensor | None = None
+
+    def gate(self, layer_idx: int) -> nn.Module:
+        return self.gates[layer_idx if len(self.gates) > 1 else 0]
+
+
+class _CacheLayerGuard:
+    """Keeps only the first propagation's K/V in one cache layer (TROL.md section 2.2).
+
+    `swap_in_before()` (between the passes) saves the layer as pass 1 left it and restores it as it was before the
+    call, so pass 2 attends to [earlier K/V] ++ [its own chunk]; `restore_after()` puts pass 1's state back.
+    Dynamic layers rebind their tensors on update, so references suffice. Static layers write in place: for a plain
+    StaticLayer only the chunk's slots are copied; other in-place layers (sliding-window rings) are copied whole."""
+
+    def __init__(self, cache: Cache, layer_idx: int):
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            raise TypeError(
+                f"TroL traversal needs a transformers `Cache` with per-layer storage, got {type(cache).__name__}. "
+                "Pass a DynamicCache/StaticCache (or let generate() create one)."
+            )
+        replicate = getattr(cache, "layer_class_to_replicate", None)
+        while len(layers) <= layer_idx and replicate is not None:  # DynamicCache() without config grows lazily
+            layers.append(replicate())
+        self.layer = layers[layer_idx]
+        self.in_place = bool(getattr(self.layer, "is_compileable", False))
+        self.slot_copy = self.in_place and type(self.layer).update is StaticLayer.update
+        if self.slot_copy:
+            self.before = self.layer.cumulative_length.clone() if self.layer.is_initialized else 0
+        else:
+            self.before = self._snapshot()
+
+    def _snapshot(self) -> dict:
+        state = dict(self.layer.__dict__)
+        if self.in_place:
+            state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        return state
+
+    def _restore(self, state: dict) -> None:
+        for key, value in state.items():
+            current = self.layer.__dict__.get(key)
+            if self.in_place and isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor) \
+                    and current.shape == value.shape:
+                current.copy_(value)  # keep static addresses (cuda graphs / torch.compile)
+            else:
+                self.layer.__dict__[key] = value
+
+    def swap_in_before(self) -> None:
+        if self.slot_copy:
+            layer = self.layer
+            start = int(self.before)
+            self.slots = torch.arange(start, int(layer.cumulative_length), device=layer.keys.device)
+            self.after = (layer.keys.index_select(2, self.slots), layer.values.index_select(2, self.slots),
+                          layer.cumulative_length.clone())
+            layer.cumulative_length.fill_(start)
+        else:
+            self.after = self._snapshot()
+            self._restore(self.before)
+
+    def restore_after(self) -> None:
+        if self.slot_copy:
+            keys, values, length = self.after
+            self.layer.keys.index_copy_(2, self.slots, keys)
+            self.layer.values.index_copy_(2, self.slots, values)
+            self.layer.cumulative_length.copy_(length)
+        else:
+            self._restore(self.after)
+
+
+@contextmanager
+def _outputs_not_recorded():
+    """Drop whatever transformers' output recorders (attentions, router logits, ...) collect inside the block, so
+    `output_attentions=True` returns one entry per layer (the first propagation's), like the backbone."""
+    collected = _active_collector.get() if _active_collector is not None else None
+    lengths = {k: len(v) for k, v in (collected or {}).items() if isinstance(v, list)}
+    try:
+        yield
+    finally:
+        for key, n in lengths.items():
+            del collected[key][n:]
+
+
+class TrolLayerForward:
+    """Replaces `forward` on one decoder-layer instance. Without a `TraversalState` in the kwargs it is exactly the
+    layer's own forward; with one, it runs the two propagations and the TroL-Mixer.
+
+    A plain picklable object holding the layer and its index, so deepcopy/pickle/state_dict keep working."""
+
+    def __init__(self, layer: nn.Module, layer_idx: int):
+        self.layer = layer
+        self.layer_idx = layer_idx
+
+    def __call__(self, *args, **kwargs):
+        state: TraversalState | None = kwargs.pop(TRAVERSAL_KWARG, None)
+        forward = type(self.layer).forward
+        if state is None:
+            return forward(self.layer, *args, **kwargs)
+        if args:
+            hidden_states, args = args[0], args[1:]
+        else:
+            hidden_states = kwargs.pop("hidden_states")
+        layer = self.layer
+        if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing and layer.training:
+            # One checkpoint around both passes + mixer; the class forward's own per-pass checkpointing is bypassed.
+            # As transformers does for checkpointed layers, training drops the cache.
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            if kwargs.get("past_key_values") is not None and not layer._can_checkpoint_with_cache:
+                kwargs["past_key_values"] = None
+            inner = getattr(forward, "__wrapped__", forward)
+            run = partial(self.traverse, inner, state, **kwargs)
+            return layer._gradient_checkpointing_func(run, hidden_states, *args)
+        return self.traverse(forward, state, hidden_states, *args, **kwargs)
+
+    def traverse(self, forward, state: TraversalState, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        guard = _CacheLayerGuard(cache, self.layer_idx) if cache is not None else None
+        out1 = forward(self.layer, hidden_states, *args, **kwargs)
+        h1 = out1[0] if isinstance(out1, tuple) else out1
+        w = state.gate(self.layer_idx)(h1)  # (B, q, 1)
+        if guard is not None:
+            guard.swap_in_before()
+        with _outputs_not_recorded():
+            out2 = forward(self.layer, h1, *args, **kwargs)
+        if guard is not None:
+            guard.restore_after()
+        h2 = out2[0] if isinstance(out2, tuple) else out2
+        mixed = (1 - w) * h1 + w * h2
+        if state.mask is not None:
+            mixed = torch.where(state.mask.to(h1.device)[..., None], mixed, h1)
+        return (mixed, *out1[1:]) if isinstance(out1, tuple) else mixed
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer ModuleList: `.layers` (Llama family) or the child ModuleList of num_hidden_layers."""
+    layers = getattr(language_model, "layers", None)
+    n_layers = language_model.config.num_hidden_layers
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    for child in language_model.children():
+        if isinstance(child, nn.ModuleList) and len(child) == n_layers:
+            return child
+    raise ValueError(
+        f"Cannot find the decoder layers of {type(language_model).__name__}: expected a `.layers` ModuleList or a "
+        f"child ModuleList of {n_layers} layers. TroL supports decoder-only transformers models with a layer loop."
+    )
+
+
+def install_traversal(language_model: nn.Module) -> None:
+    """Route every decoder layer's forward through `TrolLayerForward` (idempotent)."""
+    for idx, layer in enumerate(decoder_layers(language_model)):
+        if not isinstance(layer.__dict__.get("forward"), TrolLayerForward):
+            layer.forward = TrolLayerForward(layer, idx)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The LLaVA-shaped composition.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrolModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `image_hidden_states` (n_images, n_tokens, H): the projected image features."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class TrolCausalLMOutputWithPast(ModelOutput):
+    """loss (scalar), logits (B, q or logits_to_keep, V), past_key_values, hidden_states, attentions,
+    image_hidden_states."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class TrolMultiModalProjector(nn.Module):
+    """Linear(vision features -> H) -> act -> Linear(H -> H)."""
+
+    def __init__(self, config: TrolConfig):
+        super().__init__()
+        n_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        in_features = config.vision_config.hidden_size * n_layers
+        hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(in_features, hidden, bias=config.multimodal_projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, hidden, bias=config.multimodal_projector_bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class TrolPreTrainedModel(PreTrainedModel):
+    config_class = TrolConfig
+    config: TrolConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the traversal mask decides on the host whether a second pass runs
+
+    def _init_weights(self, module):
+        if isinstance(module, TrolGate):
+            ratio = self.config.gate_init_mixing_ratio
+            if self.config.gate_init_std > 0:
+                init.normal_(module.weight, 0.0, self.config.gate_init_std)
+            else:
+                init.zeros_(module.weight)
+            init.constant_(module.bias, math.atanh(2 * ratio - 1))
+        elif isinstance(module, nn.Linear) and any(module is m for m in self._projector_linears()):
+            init.normal_(module.weight, 0.0, getattr(self.config.text_config, "initializer_range", 0.02))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    def _projector_linears(self):
+        base = getattr(self, self.base_model_prefix, self)
+        projector = getattr(base, "multi_modal_projector", None)
+        return [] if projector is None else [projector.linear_1, projector.linear_2]
+
+
+class TrolModel(TrolPreTrainedModel):
+    """Vision tower + projector + decoder (no LM head), with the traversal gates."""
+
+    def __init__(self, config: TrolConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = TrolMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.trol_gates = nn.ModuleList(TrolGate(config.text_config.hidden_size) for _ in range(config.num_gates))
+        install_traversal(self.language_model)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (n_images, C, S, S) -> projected features (n_images, n_tokens, H)."""
+        vision_config = self.config.vision_config
+        expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, expected (n_images, {', '.join(map(str, expected))}) "
+                f"for this vision tower ({vision_config.model_type}, image_size={vision_config.image_size}). "
+                "Preprocess images with the model's processor."
+            )
+        vision_dtype = next(self.vision_tower.parameters()).dtype
+        outputs = self.vision_tower(pixel_values.to(vision_dtype), output_hidden_states=True, return_dict=True)
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        features = torch.cat([outputs.hidden_states[i] for i in layers], dim=-1)
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]  # drop CLS
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def _merge_image_features(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
+        if input_ids is None:
+            image_embed = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            )
+            image_mask = (inputs_embeds == image_embed).all(-1)
+        else:
+            image_mask = input_ids == self.config.image_token_id
+        n_tokens, (n_images, per_image) = int(image_mask.sum()), image_features.shape[:2]
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"The prompt holds {n_tokens} image tokens (id {self.config.image_token_id}) but {n_images} image(s) "
+                f"give {n_images} x {per_image} = {n_images * per_image} features. Each image placeholder must be "
+                f"expanded to {per_image} image tokens, one placeholder per image (the processor does this)."
+            )
+        features = image_features.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+        return inputs_embeds.masked_scatter(image_mask[..., None].to(inputs_embeds.device), features)
+
+    def traversal_state(self, inputs_embeds, attention_mask, past_key_values, traversal_mask):
+        """Resolve which tokens of this call traverse (TROL.md section 2.3); None when none does."""
+        batch, length = inputs_embeds.shape[:2]
+        if traversal_mask is not None:
+            if tuple(traversal_mask.shape) != (batch, length):
+                raise ValueError(
+                    f"traversal_mask has shape {tuple(traversal_mask.shape)} but the inputs are (batch={batch}, "
+                    f"length={length}); give one boolean per input token of this call."
+                )
+            mask = traversal_mask.to(inputs_embeds.device, torch.bool)
+        else:
+            if self.training:
+                traverse = self.config.training_traversal == "all"
+            else:
+                mode = self.config.inference_traversal
+                cached = past_key_values is not None and int(past_key_values.get_seq_length()) > 0
+                traverse = mode == "question_answer" or (mode == "question" and not cached)
+            if not traverse:
+                return None
+            if attention_mask is not None and attention_mask.ndim == 2:
+                mask = attention_mask[:, -length:].to(inputs_embeds.device, torch.bool)  # padding never traverses
+            else:
+                mask = None
+        if not self.config.use_traversal or (mask is not None and not bool(mask.any())):
+            return None
+        return TraversalState(self.trol_gates, None if mask is None or bool(mask.all()) else mask)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        traversal_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> TrolModelOutputWithPast:
+        """input_ids (B, q) or inputs_embeds (B, q, H); pixel_values (n_images, C, S, S) with one expanded image
+        placeholder per image; traversal_mask (B, q) bool overrides the default traversal rule for this call."""
+        if (input_ids is None) == (inputs_embeds is None):
+            given = "both" if input_ids is not None else "neither"
+            raise ValueError(f"Give exactly one of input_ids or inputs_embeds ({given} was given).")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0) \
+                and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError(
+                f"The prompt holds {int((input_ids == self.config.image_token_id).sum())} image tokens "
+                f"(id {self.config.image_token_id}) but no pixel_values were given."
+            )
+        state = self.traversal_state(inputs_embeds, attention_mask, past_key_values, traversal_mask)
+        kwargs["return_dict"] = True
+        if state is not None:
+            kwargs[TRAVERSAL_KWARG] = state
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return TrolModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
+    """TrolModel + LM head. `generate()` accepts `traversal_mask` (B, prompt_len) for the prompt."""
+
+    def __init__(self, config: TrolConfig):
+        super().__init__(config)
+        self.model = TrolModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{self._embedding_name()}.weight"}
+        self.post_init()
+        # An image token in the output would need image features that do not exist: never generate it.
+        if self.generation_config is not None and not self.generation_config.suppress_tokens:
+            self.generation_config.suppress_tokens = [config.image_token_id]
+
+    def _embedding_name(self) -> str:
+        embeddings = self.model.get_input_embeddings()
+        return next(name for name, module in self.model.language_model.named_modules() if module is embeddings)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self):
+        return self.model.multi_modal_projector
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        traversal_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TrolCausalLMOutputWithPast:
+        """As `TrolModel.forward`, plus labels (B, q) with -100 ignored (shifted inside the loss) and
+        logits_to_keep (keep only the last n positions' logits, 0 = all)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            traversal_mask=traversal_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return TrolCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def generate(self, inputs=None, generation_config=None, traversal_mask=None, **kwargs):
+        """`GenerationMixin.generate` that carries the prompt's traversal mask through every step, cached or not.
+
+        traversal_mask (B, prompt_len) bool: which prompt tokens traverse; default: every non-padding prompt token
+        (none in `inference_traversal="none"` mode). Generated tokens traverse only in `question_answer` mode."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        if prompt is not None and prompt.ndim >= 2:
+            shape = tuple(prompt.shape[:2])
+            if traversal_mask is None:
+                attention = kwargs.get("attention_mask")
+                if attention is not None and attention.ndim == 2:
+                    traversal_mask = attention.bool()
+                else:
+                    traversal_mask = torch.ones(shape, dtype=torch.bool, device=prompt.device)
+                if self.config.inference_traversal == "none":
+                    traversal_mask = torch.zeros_like(traversal_mask)
+            elif tuple(traversal_mask.shape) != shape:
+                raise ValueError(
+                    f"traversal_mask has shape {tuple(traversal_mask.shape)} but the prompt is {shape}; give one "
+                    "boolean per prompt token."
+                )
+            traversal_mask = traversal_mask.to(prompt.device, torch.bool)
+        return super().generate(inputs, generation_config, traversal_mask=traversal_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, traversal_mask=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if traversal_mask is not None:
+            # The chunk of this step covers absolute positions [start, start + length): the prompt's mask for prompt
+            # positions, the mode's rule for generated ones. Without a cache the chunk is the whole sequence.
+            chunk = model_inputs.get("input_ids")
+            length = (chunk if chunk is not None else model_inputs["inputs_embeds"]).shape[1]
+            cache = model_inputs.get("past_key_values")
+            start = int(cache.get_seq_length()) if cache is not None and kwargs.get("use_cache", True) else 0
+            n_generated = max(start + length - traversal_mask.shape[1], 0)
+            decoded = self.config.inference_traversal == "question_answer"
+            generated = torch.full((traversal_mask.shape[0], n_generated), decoded, device=traversal_mask.device)
+            model_inputs["traversal_mask"] = torch.cat([traversal_mask, generated], dim=1)[:, start:start + length]
+        return model_inputs
+
+    # -- construction from a vision model and a language model (what stage 1 starts from) -----------------------
+    @classmethod
+    def from_vision_and_text(
+        cls,
+        vision: str | PreTrainedConfig,
+        text: str | PreTrainedConfig,
+        *,
+        image_token_id: int | None = None,
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> "TrolForConditionalGeneration":
+        """Build an untrained TroL model: vision encoder and decoder pretrained (given as hub ids / local folders)
+        or random (given as configs); projector and gates freshly initialised.
+
+        image_token_id: an existing token id of the decoder's vocabulary to use as the image token. If None, one
+        embedding row (mean of the others) and one output row are appended and the new id (= old vocab size) is used.
+        config_kwargs: any other TrolConfig field (share_gates, gate_init_mixing_ratio, vision_feature_layer, ...)."""
+        vision_config = vision if isinstance(vision, PreTrainedConfig) else AutoConfig.from_pretrained(vision)
+        vision_config = getattr(vision_config, "vision_config", None) or vision_config  # full CLIP/SigLIP configs
+        text_config = text if isinstance(text, PreTrainedConfig) else AutoConfig.from_pretrained(text)
+        text_config = text_config.get_text_config(decoder=True)
+        language_model, vision_tower = None, None
+        if not isinstance(text, PreTrainedConfig):
+            language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
+        if not isinstance(vision, PreTrainedConfig):
+            vision_tower = _load_vision_tower(vision, vision_config, dtype)
+        if image_token_id is None:
+            image_token_id = text_config.vocab_size
+            text_config.vocab_size += 1
+            if language_model is not None:
+                language_model.resize_token_embeddings(text_config.vocab_size, mean_resizing=True)
+        elif not 0 <= image_token_id < text_config.vocab_size:
+            raise ValueError(
+                f"image_token_id={image_token_id} is outside the decoder's vocabulary (size {text_config.vocab_size}); "
+                "pass an existing id or None to append a new token."
+            )
+        if "vision_feature_select_strategy" not in config_kwargs and vision_config.model_type.startswith("siglip"):
+            config_kwargs["vision_feature_select_strategy"] = "full"  # SigLIP has no CLS token
+        config = TrolConfig(
+            vision_config=vision_config, text_config=text_config, image_token_id=image_token_id, **config_kwargs
+        )
+        model = cls(config)
+        if vision_tower is not None:
+            model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+        if language_model is not None:
+            model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
+            model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+
+def _load_vision_tower(name_or_path: str, vision_config: PreTrainedConfig, dtype) -> nn.Module:
+    """The vision encoder's pretrained weights as its vision-only model (CLIPVisionModel from a full CLIP repo, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    vision_class = MODEL_MAPPING[type(vision_config)]
+    return vision_class.from_pretrained(name_or_path, dtype=dtype)
+
+
+__all__ = [
+    "TrolForConditionalGeneration",
+    "TrolModel",
+    "TrolPreTrainedModel",
+    "TrolGate",
+    "TrolLayerForward",
+    "TraversalState",
+    "install_traversal",
+]
