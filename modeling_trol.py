@@ -511,7 +511,7 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        logits = backbone_logits(self.config.text_config, self.lm_head(hidden_states))
         loss = None
         if labels is not None:
             loss = self.loss_function(
@@ -618,6 +618,18 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
         if dtype is not None:
             model.to(dtype)
         return model
+
+
+def backbone_logits(text_config: PreTrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+    """Apply what the backbone's own *ForCausalLM head does after its Linear, so TroL logits equal the backbone's:
+    Gemma2/3 final-logit soft-capping, Cohere `logit_scale`, Granite `logits_scaling`."""
+    if (cap := getattr(text_config, "final_logit_softcapping", None)) is not None:
+        logits = torch.tanh(logits / cap) * cap
+    if (scale := getattr(text_config, "logit_scale", None)) is not None:
+        logits = logits * scale
+    if (scaling := getattr(text_config, "logits_scaling", None)) is not None:
+        logits = logits / scaling
+    return logits
 
 
 def _load_vision_tower(name_or_path: str, vision_config: PreTrainedConfig, dtype) -> nn.Module:

@@ -1,0 +1,225 @@
+"""TroL vs its plain backbone (same weights) on CPU: prefill time, per-token decode time, KV-cache bytes, peak RSS.
+
+Run (from the repository root, venv active):
+    python bench/bench_traversal.py            # defaults: 8 layers, H=512, batch 1 x 512 tokens, 7 repeats, 64 steps
+    python bench/bench_traversal.py --quick    # tiny sizes, smoke run in seconds
+
+One small Llama-style decoder is built inside a TroL model (tiny CLIP vision tower, unused: prompts are text-only) and
+copied into `transformers.LlamaForCausalLM`. fp32, eval mode, torch.inference_mode(), default torch thread count.
+Timings interleave the two models (order alternates A,B / B,A per repeat) and report medians. Prefill passes
+`logits_to_keep=1` (what generate() does), so the LM head is not a full-vocabulary matmul in either model. Peak RSS is
+measured in a fresh subprocess per model (this script with the hidden `--_mem` flag). Assertions guard that TroL
+really traverses (logits differ, w>0) and that `use_traversal=False` is bit-identical to the backbone.
+"""
+
+import argparse, copy, gc, json, math, os, platform, resource, statistics, subprocess, sys, time
+
+import torch
+import transformers
+from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from trol import TrolConfig, TrolForConditionalGeneration
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7, help="timed prefill repeats per model (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--decode-steps", type=int, default=64, help="timed single-token decode steps per model")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke run)")
+    p.add_argument("--_mem", choices=["trol", "backbone"], help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.layers, a.hidden, a.heads, a.kv_heads, a.intermediate, a.vocab = 2, 64, 4, 2, 128, 1000
+        a.prompt_len, a.repeats, a.warmup, a.decode_steps = 32, 3, 1, 8
+    return a
+
+
+def build_config(a) -> TrolConfig:
+    text = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                       max_position_embeddings=max(2048, a.prompt_len + a.decode_steps + 16), tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    return TrolConfig(vision_config=vision, text_config=text, image_token_id=a.vocab - 1)  # prompts avoid this id
+
+
+def build_models(a, which=("trol", "backbone")):
+    torch.manual_seed(0)
+    config = build_config(a)
+    trol = TrolForConditionalGeneration(config).eval() if "trol" in which else None
+    backbone = None
+    if "backbone" in which:
+        backbone = LlamaForCausalLM(config.text_config).eval()
+        if trol is not None:
+            backbone.model.load_state_dict(trol.model.language_model.state_dict())
+            backbone.lm_head.load_state_dict(trol.lm_head.state_dict())
+    return config, trol, backbone
+
+
+def make_ids(a, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, a.vocab - 1, (a.batch, n), generator=g)
+
+
+def prefill(model, config, ids, logits_to_keep=1):
+    cache = DynamicCache(config=config.text_config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    return out.logits, cache
+
+
+def kv_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def maxrss_mib() -> float:  # ru_maxrss is KiB on Linux, bytes on macOS
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+def reset_peak_rss() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets the high-water mark (VmHWM, ru_maxrss) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def mem_child(a):
+    """Fresh process: build ONE model, then one prefill; print maxrss before/after as JSON."""
+    config, trol, backbone = build_models(a, which=(a._mem,))
+    model = trol if a._mem == "trol" else backbone
+    ids = make_ids(a, a.prompt_len, seed=1)
+    gc.collect()
+    reset = reset_peak_rss()  # else the build's transient peak can hide the prefill's
+    r0 = maxrss_mib()
+    with torch.inference_mode():
+        prefill(model, config, ids)
+    print(json.dumps({"r0": r0, "r1": maxrss_mib(), "reset": reset}))
+
+
+def run_mem(which, argv):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--_mem", which],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(a, argv):
+    print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()} | "
+          f"torch threads {torch.get_num_threads()} | os.cpu_count {os.cpu_count()} | load avg {os.getloadavg()[0]:.2f}")
+    if os.getloadavg()[0] > 0.5:
+        print("WARNING: the machine is busy; other processes preempt torch's OpenMP threads and inflate timings.")
+    config, trol, backbone = build_models(a)
+    tc = config.text_config
+    assert trol.model.language_model.config._attn_implementation == backbone.config._attn_implementation
+    n_dec = sum(p.numel() for p in backbone.parameters())
+    print(f"backbone: Llama {tc.num_hidden_layers} layers, H={tc.hidden_size}, heads {tc.num_attention_heads}/"
+          f"{tc.num_key_value_heads} KV, I={tc.intermediate_size}, V={tc.vocab_size}, {n_dec / 1e6:.1f}M params, "
+          f"attn={backbone.config._attn_implementation}, fp32 | batch {a.batch} x prompt {a.prompt_len}")
+    ids = make_ids(a, a.prompt_len, seed=1)
+    dec_ids = make_ids(a, a.decode_steps + a.warmup + 4, seed=2)
+    models = {"backbone": backbone, "trol": trol}
+
+    with torch.inference_mode():
+        # ---- sanity: the benchmark must compare traversal vs no traversal on identical weights ----
+        ref, _ = prefill(backbone, config, ids, logits_to_keep=0)
+        w = torch.stack([g(torch.randn(4, tc.hidden_size)) for g in trol.model.trol_gates])
+        assert float(w.min()) > 0, "gates give w == 0: TroL would equal the backbone"
+        got, _ = prefill(trol, config, ids, logits_to_keep=0)
+        diff = (got - ref).abs().max().item()
+        assert diff > 1e-4, f"TroL logits equal the backbone's (max |diff| {diff}): traversal is not running"
+        assert trol.model.config is trol.config
+        trol.config.use_traversal = False
+        plain, _ = prefill(trol, config, ids, logits_to_keep=0)
+        trol.config.use_traversal = True
+        assert torch.equal(plain, ref), "use_traversal=False is not bit-identical to LlamaForCausalLM"
+        print(f"sanity: gate w in [{w.min():.3f}, {w.max():.3f}]; TroL vs backbone max|dlogits| = {diff:.3e} (>0, OK); "
+              "use_traversal=False == backbone bit-exactly (OK)")
+        del ref, got, plain
+
+        # ---- 1. prefill time, interleaved ----
+        pre = {k: [] for k in models}
+        for i in range(a.warmup + a.repeats):
+            order = ["trol", "backbone"] if i % 2 == 0 else ["backbone", "trol"]
+            for k in order:
+                t = timed(lambda: prefill(models[k], config, ids))
+                if i >= a.warmup:
+                    pre[k].append(t)
+        # ---- 2. decode time per token, interleaved, from identical-length prefilled caches ----
+        caches = {k: prefill(m, config, ids)[1] for k, m in models.items()}
+        for k, m in models.items():  # warmup on throwaway copies
+            c = copy.deepcopy(caches[k])
+            for s in range(a.warmup + 2):
+                m(input_ids=dec_ids[:, s:s + 1], past_key_values=c, use_cache=True)
+        dec = {k: [] for k in models}
+        gc.collect()
+        for s in range(a.decode_steps):
+            order = ["trol", "backbone"] if s % 2 == 0 else ["backbone", "trol"]
+            for k in order:
+                tok = dec_ids[:, s:s + 1]
+                dec[k].append(timed(lambda: models[k](input_ids=tok, past_key_values=caches[k], use_cache=True)))
+        # ---- 3. KV cache bytes after prefill + decoding ----
+        kv = {k: kv_bytes(c) for k, c in caches.items()}
+        lens = {k: c.get_seq_length() for k, c in caches.items()}
+        assert lens["trol"] == lens["backbone"] == a.prompt_len + a.decode_steps, lens
+        assert kv["trol"] == kv["backbone"], f"KV cache bytes differ: {kv}"
+
+    # ---- 4. peak RSS of one prefill, each model alone in a fresh process ----
+    del trol, backbone, models, caches
+    mem = {k: run_mem(k, argv) for k in ("backbone", "trol")}
+    act = {k: v["r1"] - v["r0"] for k, v in mem.items()}
+
+    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+    ratio = lambda b, t: t / b if b else float("nan")  # noqa: E731
+    pb, pt, db, dt = med(pre["backbone"]), med(pre["trol"]), med(dec["backbone"]), med(dec["trol"])
+    rows = [
+        (f"prefill time, ms (median of {a.repeats})", pb, pt, "<= 2.10 (physical 2.0)", "{:.1f}"),
+        (f"decode time per token, ms (median of {a.decode_steps})", db, dt, "<= 1.05", "{:.2f}"),
+        (f"KV-cache MiB after prefill+{a.decode_steps} tokens", kv["backbone"] / 2**20, kv["trol"] / 2**20,
+         "== 1.00 (asserted)", "{:.3f}"),
+        ("prefill activation peak, MiB (maxrss after prefill - RSS after build)", act["backbone"], act["trol"], "report",
+         "{:.1f}"),
+        ("prefill total peak RSS, MiB (maxrss, process)", mem["backbone"]["r1"], mem["trol"]["r1"], "report",
+         "{:.1f}"),
+    ]
+    print("\n| measure | backbone | TroL | ratio | target |\n|---|---|---|---|---|")
+    for name, b, t, target, fmt in rows:
+        print(f"| {name} | {fmt.format(b)} | {fmt.format(t)} | {ratio(b, t):.3f} | {target} |")
+    print(f"\nKV bytes exact: backbone {kv['backbone']} == TroL {kv['trol']}; cache length {lens['trol']}.")
+    print(f"prefill spread (min-max ms): backbone {min(pre['backbone'])*1e3:.1f}-{max(pre['backbone'])*1e3:.1f}, "
+          f"TroL {min(pre['trol'])*1e3:.1f}-{max(pre['trol'])*1e3:.1f}; decode p10-p90 ratio "
+          f"{ratio(*[statistics.quantiles(dec[k], n=10)[0] for k in ('backbone', 'trol')]):.3f}-"
+          f"{ratio(*[statistics.quantiles(dec[k], n=10)[-1] for k in ('backbone', 'trol')]):.3f}")
+    reset = all(v["reset"] for v in mem.values())
+    print("Memory: each model is built alone in a fresh subprocess (TroL's process also holds the tiny vision tower,"
+          " projector and gates); ru_maxrss read after the build " + ("(high-water mark reset to the current RSS via "
+          "/proc/self/clear_refs)" if reset else "(NOT reset: the build's transient peak may hide the prefill's)") +
+          " and after one prefill (DynamicCache, logits_to_keep=1). The activation peak includes the new KV cache"
+          " (same size for both) and allocator/page effects, so small values are noisy.")
+    print(f"load avg at end {os.getloadavg()[0]:.2f}")
+    verdict = [("prefill", pt / pb, 2.10), ("decode", dt / db, 1.05)]
+    print("targets: " + ", ".join(f"{n} {r:.3f} {'OK' if r <= lim else 'OVER'} (<= {lim})" for n, r, lim in verdict))
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args._mem:
+        mem_child(args)
+    else:
+        main(args, [x for x in sys.argv[1:]])
