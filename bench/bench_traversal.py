@@ -86,13 +86,29 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def maxrss_mib() -> float:  # ru_maxrss is KiB on Linux, bytes on macOS
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (2**20 if platform.system() == "Darwin" else 2**10)
+def peak_rss_mib() -> float:
+    """VmHWM (this mm's peak RSS; resettable). ru_maxrss is the fallback only: on Linux a child started by
+    fork+exec inherits the parent's high-water mark in ru_maxrss, which would hide the child's own peak."""
+    try:
+        return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2**10
+    except (OSError, IndexError):
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return r / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+def busy_cpus(dt=1.0) -> float:
+    """CPUs kept busy by other processes over dt seconds while this one sleeps (from /proc/stat; nan elsewhere)."""
+    try:
+        read = lambda: [int(x) for x in open("/proc/stat").readline().split()[1:]]  # noqa: E731
+        s0 = read(); time.sleep(dt); s1 = read()  # noqa: E702
+    except OSError:
+        return float("nan")
+    d = [b - c for b, c in zip(s1, s0)]
+    return (1 - (d[3] + d[4]) / sum(d)) * (os.cpu_count() or 1)
 
 
 def reset_peak_rss() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets the high-water mark (VmHWM, ru_maxrss) to the current RSS."""
+    """Linux >= 4.0: writing 5 to clear_refs resets the high-water mark (VmHWM) to the current RSS."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -102,16 +118,16 @@ def reset_peak_rss() -> bool:
 
 
 def mem_child(a):
-    """Fresh process: build ONE model, then one prefill; print maxrss before/after as JSON."""
+    """Fresh process: build ONE model, then one prefill; print peak RSS before/after as JSON."""
     config, trol, backbone = build_models(a, which=(a._mem,))
     model = trol if a._mem == "trol" else backbone
     ids = make_ids(a, a.prompt_len, seed=1)
     gc.collect()
     reset = reset_peak_rss()  # else the build's transient peak can hide the prefill's
-    r0 = maxrss_mib()
+    r0 = peak_rss_mib()
     with torch.inference_mode():
         prefill(model, config, ids)
-    print(json.dumps({"r0": r0, "r1": maxrss_mib(), "reset": reset}))
+    print(json.dumps({"r0": r0, "r1": peak_rss_mib(), "reset": reset}))
 
 
 def run_mem(which, argv):
@@ -122,9 +138,10 @@ def run_mem(which, argv):
 
 def main(a, argv):
     print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()} | "
-          f"torch threads {torch.get_num_threads()} | os.cpu_count {os.cpu_count()} | load avg {os.getloadavg()[0]:.2f}")
-    if os.getloadavg()[0] > 0.5:
-        print("WARNING: the machine is busy; other processes preempt torch's OpenMP threads and inflate timings.")
+          f"torch threads {torch.get_num_threads()} | os.cpu_count {os.cpu_count()} | other load {busy_cpus():.2f} CPUs")
+    # 4. peak RSS of one prefill, each model alone in a fresh process (started first, while this process is small)
+    mem = {k: run_mem(k, argv) for k in ("backbone", "trol")}
+    act = {k: v["r1"] - v["r0"] for k, v in mem.items()}
     config, trol, backbone = build_models(a)
     tc = config.text_config
     assert trol.model.language_model.config._attn_implementation == backbone.config._attn_implementation
@@ -180,10 +197,6 @@ def main(a, argv):
         assert lens["trol"] == lens["backbone"] == a.prompt_len + a.decode_steps, lens
         assert kv["trol"] == kv["backbone"], f"KV cache bytes differ: {kv}"
 
-    # ---- 4. peak RSS of one prefill, each model alone in a fresh process ----
-    del trol, backbone, models, caches
-    mem = {k: run_mem(k, argv) for k in ("backbone", "trol")}
-    act = {k: v["r1"] - v["r0"] for k, v in mem.items()}
 
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     ratio = lambda b, t: t / b if b else float("nan")  # noqa: E731
@@ -193,9 +206,9 @@ def main(a, argv):
         (f"decode time per token, ms (median of {a.decode_steps})", db, dt, "<= 1.05", "{:.2f}"),
         (f"KV-cache MiB after prefill+{a.decode_steps} tokens", kv["backbone"] / 2**20, kv["trol"] / 2**20,
          "== 1.00 (asserted)", "{:.3f}"),
-        ("prefill activation peak, MiB (maxrss after prefill - RSS after build)", act["backbone"], act["trol"], "report",
+        ("prefill activation peak, MiB (peak RSS in prefill - RSS after build)", act["backbone"], act["trol"], "report",
          "{:.1f}"),
-        ("prefill total peak RSS, MiB (maxrss, process)", mem["backbone"]["r1"], mem["trol"]["r1"], "report",
+        ("prefill total peak RSS, MiB (weights + torch + activations)", mem["backbone"]["r1"], mem["trol"]["r1"], "report",
          "{:.1f}"),
     ]
     print("\n| measure | backbone | TroL | ratio | target |\n|---|---|---|---|---|")
@@ -208,11 +221,12 @@ def main(a, argv):
           f"{ratio(*[statistics.quantiles(dec[k], n=10)[-1] for k in ('backbone', 'trol')]):.3f}")
     reset = all(v["reset"] for v in mem.values())
     print("Memory: each model is built alone in a fresh subprocess (TroL's process also holds the tiny vision tower,"
-          " projector and gates); ru_maxrss read after the build " + ("(high-water mark reset to the current RSS via "
+          " projector and gates); peak RSS (VmHWM) read after the build " + ("(high-water mark reset to the current RSS via "
           "/proc/self/clear_refs)" if reset else "(NOT reset: the build's transient peak may hide the prefill's)") +
           " and after one prefill (DynamicCache, logits_to_keep=1). The activation peak includes the new KV cache"
           " (same size for both) and allocator/page effects, so small values are noisy.")
-    print(f"load avg at end {os.getloadavg()[0]:.2f}")
+    print(f"other load at end: {busy_cpus():.2f} CPUs (busy CPUs while idle: >0.2 means noisy timings; torch's"
+          " OpenMP threads stall when another process preempts one of them)")
     verdict = [("prefill", pt / pb, 2.10), ("decode", dt / db, 1.05)]
     print("targets: " + ", ".join(f"{n} {r:.3f} {'OK' if r <= lim else 'OVER'} (<= {lim})" for n, r, lim in verdict))
 

@@ -104,6 +104,24 @@ def test_traversal_equals_hand_written_two_pass_reference(decoder, share_gates):
     torch.testing.assert_close(ours[real], reference[real], rtol=1e-5, atol=1e-5)
 
 
+def test_gradients_flow_through_both_propagations_as_in_the_reference():
+    model = tiny_model("llama").train()
+    model.set_attn_implementation("eager")
+    ids, mask = text_prompt()
+    traversal = mask.bool()
+
+    def grads(logits):
+        model.zero_grad()
+        F.cross_entropy(logits[mask.bool()][:-1], ids[mask.bool()][1:]).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = grads(model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits)
+    reference = grads(reference_two_pass_logits(model, ids, mask, traversal))
+    assert ours.keys() == reference.keys() and "model.trol_gates.1.bias" in ours
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def no_cache_logits(model, sequences, prompt_mask, traversal_prompt, **model_inputs):
     """One forward over prompt+generated, traversal on the prompt's tokens only."""
     n_new = sequences.shape[1] - prompt_mask.shape[1]
