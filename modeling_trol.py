@@ -553,8 +553,14 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
             traversal_mask = traversal_mask.to(prompt.device, torch.bool)
         return super().generate(inputs, generation_config, traversal_mask=traversal_mask, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, *args, traversal_mask=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None, is_first_iteration=False,
+                                      traversal_mask=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
         if traversal_mask is not None:
             # The chunk of this step covers absolute positions [start, start + length): the prompt's mask for prompt
             # positions, the mode's rule for generated ones. Without a cache the chunk is the whole sequence.

@@ -12,7 +12,7 @@ measured in a fresh subprocess per model (this script with the hidden `--_mem` f
 really traverses (logits differ, w>0) and that `use_traversal=False` is bit-identical to the backbone.
 """
 
-import argparse, copy, gc, json, math, os, platform, resource, statistics, subprocess, sys, time
+import argparse, copy, gc, json, os, platform, resource, statistics, subprocess, sys, time
 
 import torch
 import transformers
@@ -21,26 +21,21 @@ from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlamaForCa
 from trol import TrolConfig, TrolForConditionalGeneration
 
 
+DEFAULTS = dict(layers=8, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=32000, prompt_len=512, batch=1,
+                repeats=7, warmup=2, decode_steps=64)  # repeats: timed prefills; decode_steps: timed decode tokens
+QUICK = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=1000, prompt_len=32, repeats=3,
+             warmup=1, decode_steps=8)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=7, help="timed prefill repeats per model (median)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--decode-steps", type=int, default=64, help="timed single-token decode steps per model")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke run)")
+    for name, value in DEFAULTS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (explicit flags still win)")
     p.add_argument("--_mem", choices=["trol", "backbone"], help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.quick:
-        a.layers, a.hidden, a.heads, a.kv_heads, a.intermediate, a.vocab = 2, 64, 4, 2, 128, 1000
-        a.prompt_len, a.repeats, a.warmup, a.decode_steps = 32, 3, 1, 8
-    return a
+    if p.parse_args(argv).quick:
+        p.set_defaults(**QUICK)
+    return p.parse_args(argv)
 
 
 def build_config(a) -> TrolConfig:
@@ -81,9 +76,7 @@ def kv_bytes(cache) -> int:
 
 
 def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    t0 = time.perf_counter(); fn(); return time.perf_counter() - t0  # noqa: E702
 
 
 def peak_rss_mib() -> float:
@@ -110,9 +103,7 @@ def busy_cpus(dt=1.0) -> float:
 def reset_peak_rss() -> bool:
     """Linux >= 4.0: writing 5 to clear_refs resets the high-water mark (VmHWM) to the current RSS."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
+        open("/proc/self/clear_refs", "w").write("5"); return True  # noqa: E702
     except OSError:
         return False
 
@@ -137,8 +128,9 @@ def run_mem(which, argv):
 
 
 def main(a, argv):
+    load0 = busy_cpus()
     print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()} | "
-          f"torch threads {torch.get_num_threads()} | os.cpu_count {os.cpu_count()} | other load {busy_cpus():.2f} CPUs")
+          f"torch threads {torch.get_num_threads()} | os.cpu_count {os.cpu_count()} | other load {load0:.2f} CPUs")
     # 4. peak RSS of one prefill, each model alone in a fresh process (started first, while this process is small)
     mem = {k: run_mem(k, argv) for k in ("backbone", "trol")}
     act = {k: v["r1"] - v["r0"] for k, v in mem.items()}
@@ -197,7 +189,6 @@ def main(a, argv):
         assert lens["trol"] == lens["backbone"] == a.prompt_len + a.decode_steps, lens
         assert kv["trol"] == kv["backbone"], f"KV cache bytes differ: {kv}"
 
-
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     ratio = lambda b, t: t / b if b else float("nan")  # noqa: E731
     pb, pt, db, dt = med(pre["backbone"]), med(pre["trol"]), med(dec["backbone"]), med(dec["trol"])
@@ -215,18 +206,19 @@ def main(a, argv):
     for name, b, t, target, fmt in rows:
         print(f"| {name} | {fmt.format(b)} | {fmt.format(t)} | {ratio(b, t):.3f} | {target} |")
     print(f"\nKV bytes exact: backbone {kv['backbone']} == TroL {kv['trol']}; cache length {lens['trol']}.")
-    print(f"prefill spread (min-max ms): backbone {min(pre['backbone'])*1e3:.1f}-{max(pre['backbone'])*1e3:.1f}, "
-          f"TroL {min(pre['trol'])*1e3:.1f}-{max(pre['trol'])*1e3:.1f}; decode p10-p90 ratio "
-          f"{ratio(*[statistics.quantiles(dec[k], n=10)[0] for k in ('backbone', 'trol')]):.3f}-"
-          f"{ratio(*[statistics.quantiles(dec[k], n=10)[-1] for k in ('backbone', 'trol')]):.3f}")
+    paired = lambda d: statistics.median(t / b for t, b in zip(d["trol"], d["backbone"]))  # noqa: E731
+    print(f"prefill min-max ms: backbone {min(pre['backbone'])*1e3:.1f}-{max(pre['backbone'])*1e3:.1f}, TroL "
+          f"{min(pre['trol'])*1e3:.1f}-{max(pre['trol'])*1e3:.1f}. Median of paired (adjacent-in-time) ratios: "
+          f"prefill {paired(pre):.3f}, decode {paired(dec):.3f}.")
     reset = all(v["reset"] for v in mem.values())
     print("Memory: each model is built alone in a fresh subprocess (TroL's process also holds the tiny vision tower,"
           " projector and gates); peak RSS (VmHWM) read after the build " + ("(high-water mark reset to the current RSS via "
           "/proc/self/clear_refs)" if reset else "(NOT reset: the build's transient peak may hide the prefill's)") +
           " and after one prefill (DynamicCache, logits_to_keep=1). The activation peak includes the new KV cache"
           " (same size for both) and allocator/page effects, so small values are noisy.")
-    print(f"other load at end: {busy_cpus():.2f} CPUs (busy CPUs while idle: >0.2 means noisy timings; torch's"
-          " OpenMP threads stall when another process preempts one of them)")
+    load = busy_cpus()
+    print(f"other load at end: {load:.2f} CPUs" + (" -- WARNING: busy machine; torch's OpenMP threads stall when another"
+          " process preempts one of them, timings inflate (up to 10x seen) and get noisy" if max(load, load0) > 0.2 else ""))
     verdict = [("prefill", pt / pb, 2.10), ("decode", dt / db, 1.05)]
     print("targets: " + ", ".join(f"{n} {r:.3f} {'OK' if r <= lim else 'OVER'} (<= {lim})" for n, r, lim in verdict))
 
@@ -236,4 +228,4 @@ if __name__ == "__main__":
     if args._mem:
         mem_child(args)
     else:
-        main(args, [x for x in sys.argv[1:]])
+        main(args, sys.argv[1:])

@@ -245,3 +245,14 @@ def test_padding_tokens_never_traverse_and_do_not_affect_real_tokens():
     everything = model(input_ids=ids, attention_mask=mask, traversal_mask=torch.ones_like(mask, dtype=torch.bool))
     real = mask.bool()
     torch.testing.assert_close(default[real], everything.logits[real], rtol=0, atol=0)
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_ids_and_pixels():
+    model = tiny_model("llama")
+    ids, mask, pixels = prompt_batch((9, 6))
+    embeds = model.get_input_embeddings()(ids)
+    embeds[ids == IMAGE_TOKEN] = model.get_image_features(pixels).reshape(-1, 32)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    from_ids = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,
+                              do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
