@@ -30,6 +30,11 @@ class TrolConfig(PreTrainedConfig):
             Activation between the two Linear layers of the projector (Linear -> act -> Linear).
         multimodal_projector_bias (`bool`):
             Whether the projector's Linear layers have a bias.
+        projector_layernorm (`bool`):
+            Put a LayerNorm before the projector's first Linear (InternVL's LayerNorm-MLP projector, TroL-3.8B).
+        downsample_ratio (`float` or `None`):
+            Pixel-shuffle the vision features on their square grid by this factor before the projector (InternVL:
+            0.5 turns 32x32 tokens of dim C into 16x16 tokens of dim 4C). `None`: no pixel shuffle.
         vision_feature_layer (`int` or `list[int]`):
             Hidden state(s) of the vision encoder used as image features (index into `hidden_states`, so -1 is the
             output of the last encoder layer before any post-layernorm). Several layers are concatenated.
@@ -83,6 +88,8 @@ class TrolConfig(PreTrainedConfig):
     image_token_id: int = 32000
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
+    projector_layernorm: bool = False
+    downsample_ratio: float | None = None
     vision_feature_layer: int | list[int] = -1
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     use_traversal: bool = True
@@ -115,13 +122,39 @@ class TrolConfig(PreTrainedConfig):
                 f"TrolConfig.gate_init_mixing_ratio={self.gate_init_mixing_ratio} must lie strictly between 0 and 1 "
                 "(the gate's output 0.5*tanh(.)+0.5 never reaches 0 or 1); 0.1 is the default."
             )
+        if self.downsample_ratio is not None and not (0 < self.downsample_ratio <= 1
+                                                      and (1 / self.downsample_ratio).is_integer()):
+            raise ValueError(
+                f"TrolConfig.downsample_ratio={self.downsample_ratio} must be 1/k for an integer k (0.5 for InternVL) "
+                "or None."
+            )
         if self.gate_init_std < 0:
             raise ValueError(f"TrolConfig.gate_init_std={self.gate_init_std} must be >= 0.")
+
+    @property
+    def image_grid(self) -> int:
+        """Side of the vision encoder's patch grid for one image (or tile)."""
+        image_size, patch_size = self.vision_config.image_size, self.vision_config.patch_size
+        image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+        patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+        return image_size // patch_size
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image tokens (= features) per image or tile: the patch grid, pixel-shuffled when configured."""
+        side = self.image_grid
+        if self.downsample_ratio is not None:
+            side = int(side * self.downsample_ratio)
+        keeps_cls = self.vision_feature_select_strategy == "full" and not self.vision_config.model_type.startswith(
+            "siglip")
+        return side * side + int(keeps_cls)
 
     @property
     def num_gates(self) -> int:
         """Number of gate Linear(H, 1) modules: one per decoder layer, or one when shared."""
         return 1 if self.share_gates else self.text_config.num_hidden_layers
 
+
+TrolConfig.register_for_auto_class()  # remote code: save_pretrained copies this file next to config.json
 
 __all__ = ["TrolConfig"]

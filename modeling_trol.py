@@ -27,6 +27,7 @@ Where this departs from the paper or the authors' code, and why:
 - No hard-coded devices, dtypes, quantization or flash-attn imports: all come from `from_pretrained` options.
 """
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,15 @@ try:  # private: lets the second propagation stay out of `output_attentions` & c
     from transformers.utils.output_capturing import _active_collector
 except ImportError:  # pragma: no cover - older/newer transformers: extra outputs may then hold both passes
     _active_collector = None
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_trol.TrolConfig",
+    "AutoModel": "modeling_trol.TrolModel",
+    "AutoModelForImageTextToText": "modeling_trol.TrolForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_trol.TrolForConditionalGeneration",
+}
+QUANTIZATION_SKIP_MODULES = ("model.vision_tower", "model.multi_modal_projector", "model.trol_gates", "lm_head")
+"""Module-name prefixes kept in float when a bitsandbytes config names no skip modules of its own."""
 
 TRAVERSAL_KWARG = "trol_traversal"
 """Keyword under which `TrolModel` hands the traversal state to every decoder layer through the backbone's kwargs."""
@@ -227,6 +237,19 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     )
 
 
+def colocate_gates(model: nn.Module) -> None:
+    """Put each gate on the device of the decoder layer it serves (after a device map spread the model). A gate is
+    two tiny tensors; `TrolGate.forward` moves its input/output anyway, this only avoids the round trip."""
+    base = getattr(model, "model", model)
+    layers, gates = decoder_layers(base.language_model), base.trol_gates
+    if len(gates) != len(layers):
+        return  # one shared gate serves every layer: it stays where the device map put it
+    for gate, layer in zip(gates, layers):
+        device = next(layer.parameters()).device
+        if device.type != "meta" and gate.weight.device != device:
+            gate.to(device)
+
+
 def install_traversal(language_model: nn.Module) -> None:
     """Route every decoder layer's forward through `TrolLayerForward` (idempotent)."""
     for idx, layer in enumerate(decoder_layers(language_model)):
@@ -258,19 +281,39 @@ class TrolCausalLMOutputWithPast(ModelOutput):
 
 
 class TrolMultiModalProjector(nn.Module):
-    """Linear(vision features -> H) -> act -> Linear(H -> H)."""
+    """[LayerNorm ->] Linear(vision features -> H) -> act -> Linear(H -> H). The LayerNorm is InternVL's
+    (`projector_layernorm=True`); vision features are C x n_feature_layers (x 1/downsample_ratio^2 when shuffled)."""
 
     def __init__(self, config: TrolConfig):
         super().__init__()
         n_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
         in_features = config.vision_config.hidden_size * n_layers
+        if config.downsample_ratio is not None:
+            in_features *= round(1 / config.downsample_ratio) ** 2
         hidden = config.text_config.hidden_size
+        self.layer_norm = nn.LayerNorm(in_features) if config.projector_layernorm else None
         self.linear_1 = nn.Linear(in_features, hidden, bias=config.multimodal_projector_bias)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden, hidden, bias=config.multimodal_projector_bias)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if self.layer_norm is not None:
+            image_features = self.layer_norm(image_features)
         return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+def pixel_shuffle(features: torch.Tensor, ratio: float) -> torch.Tensor:
+    """InternVL's pixel shuffle (its "v2", final transpose included): (n, side*side, C) tokens on a square grid ->
+    (n, (side*ratio)^2, C/ratio^2)."""
+    n, tokens, channels = features.shape
+    side = math.isqrt(tokens)
+    if side * side != tokens or (side * ratio) % 1:
+        raise ValueError(f"pixel shuffle needs a square grid divisible by 1/{ratio}; got {tokens} tokens per image.")
+    x = features.reshape(n, side, side, channels)
+    x = x.reshape(n, side, int(side * ratio), int(channels / ratio))
+    x = x.permute(0, 2, 1, 3).reshape(n, int(side * ratio), int(side * ratio), int(channels / ratio**2))
+    x = x.permute(0, 2, 1, 3)
+    return x.reshape(n, -1, int(channels / ratio**2))
 
 
 class TrolPreTrainedModel(PreTrainedModel):
@@ -284,6 +327,26 @@ class TrolPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the traversal mask decides on the host whether a second pass runs
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves as usual, with every Auto class pointing at the remote-code files that travel with the folder."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with TroL's default quantization skips: a bitsandbytes config that names
+        no `llm_int8_skip_modules` quantizes only the decoder (vision tower, projector, gates and lm_head stay in
+        float). Gates are moved next to their decoder layer when a device map spreads the model."""
+        if quantization_config is not None and getattr(quantization_config, "llm_int8_skip_modules", 0) is None:
+            quantization_config = copy.deepcopy(quantization_config)
+            quantization_config.llm_int8_skip_modules = list(QUANTIZATION_SKIP_MODULES)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        model = super().from_pretrained(*args, **kwargs)
+        if getattr(model, "hf_device_map", None):
+            colocate_gates(model)
+        return model
 
     def _init_weights(self, module):
         if isinstance(module, TrolGate):
@@ -327,11 +390,13 @@ class TrolModel(TrolPreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n_images, C, S, S) -> projected features (n_images, n_tokens, H)."""
         vision_config = self.config.vision_config
-        expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        size = vision_config.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        expected = (vision_config.num_channels, *size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)}, expected (n_images, {', '.join(map(str, expected))}) "
-                f"for this vision tower ({vision_config.model_type}, image_size={vision_config.image_size}). "
+                f"for this vision tower ({vision_config.model_type}, image_size={size[0]}). "
                 "Preprocess images with the model's processor."
             )
         vision_dtype = next(self.vision_tower.parameters()).dtype
@@ -341,7 +406,10 @@ class TrolModel(TrolPreTrainedModel):
         features = torch.cat([outputs.hidden_states[i] for i in layers], dim=-1)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop CLS
-        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        if self.config.downsample_ratio is not None:
+            features = pixel_shuffle(features, self.config.downsample_ratio)
+        weight = self.multi_modal_projector.linear_1.weight
+        return self.multi_modal_projector(features.to(weight.dtype if weight.is_floating_point() else features.dtype))
 
     def _merge_image_features(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         if input_ids is None:
@@ -448,9 +516,18 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
         if config.tie_word_embeddings:
             self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{self._embedding_name()}.weight"}
         self.post_init()
-        # An image token in the output would need image features that do not exist: never generate it.
-        if self.generation_config is not None and not self.generation_config.suppress_tokens:
-            self.generation_config.suppress_tokens = [config.image_token_id]
+        generation = self.generation_config
+        if generation is not None:
+            text = config.text_config
+            # An image token in the output would need image features that do not exist: never generate it.
+            if not generation.suppress_tokens:
+                generation.suppress_tokens = [config.image_token_id]
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(generation, name, None) is None and getattr(text, name, None) is not None:
+                    setattr(generation, name, getattr(text, name))
+            if generation.pad_token_id is None and generation.eos_token_id is not None:
+                eos = generation.eos_token_id
+                generation.pad_token_id = eos[0] if isinstance(eos, list) else eos
 
     def _embedding_name(self) -> str:
         embeddings = self.model.get_input_embeddings()
@@ -645,6 +722,10 @@ def _load_vision_tower(name_or_path: str, vision_config: PreTrainedConfig, dtype
     vision_class = MODEL_MAPPING[type(vision_config)]
     return vision_class.from_pretrained(name_or_path, dtype=dtype)
 
+
+# Remote code: save_pretrained copies this file (and configuration_trol.py, reached by relative import) into the folder.
+TrolModel.register_for_auto_class("AutoModel")
+TrolForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "TrolForConditionalGeneration",
