@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin
 from transformers import initialization as init
@@ -659,6 +660,7 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
         text: str | PreTrainedConfig,
         *,
         image_token_id: int | None = None,
+        image_size: int | None = None,
         dtype: torch.dtype | None = None,
         **config_kwargs,
     ) -> "TrolForConditionalGeneration":
@@ -667,6 +669,8 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
 
         image_token_id: an existing token id of the decoder's vocabulary to use as the image token. If None, one
         embedding row (mean of the others) and one output row are appended and the new id (= old vocab size) is used.
+        image_size: run the vision encoder at this resolution instead of its pretraining one (TroL-1.8B/7B: CLIP-L/14
+        at 490 px). Its position embeddings are interpolated bicubically once, here, and saved with the model.
         config_kwargs: any other TrolConfig field (share_gates, gate_init_mixing_ratio, vision_feature_layer, ...)."""
         vision_config = vision if isinstance(vision, PreTrainedConfig) else AutoConfig.from_pretrained(vision)
         vision_config = getattr(vision_config, "vision_config", None) or vision_config  # full CLIP/SigLIP configs
@@ -677,6 +681,8 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
             language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
         if not isinstance(vision, PreTrainedConfig):
             vision_tower = _load_vision_tower(vision, vision_config, dtype)
+        if image_size is not None and image_size != _side(vision_config.image_size):
+            vision_config, vision_tower = _resize_vision_tower(vision_config, vision_tower, image_size)
         if image_token_id is None:
             image_token_id = text_config.vocab_size
             text_config.vocab_size += 1
@@ -713,6 +719,50 @@ def backbone_logits(text_config: PreTrainedConfig, logits: torch.Tensor) -> torc
     if (scaling := getattr(text_config, "logits_scaling", None)) is not None:
         logits = logits / scaling
     return logits
+
+
+def _side(size) -> int:
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def interpolate_position_embeddings(weight: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """(n_positions, D) position embeddings of a square patch grid (plus a leading CLS row when n_positions is a
+    square plus one) -> the same for a new_grid x new_grid grid; bicubic, computed in fp32."""
+    n_positions, dim = weight.shape
+    n_extra = n_positions - math.isqrt(n_positions) ** 2
+    if n_extra not in (0, 1):
+        raise ValueError(f"Cannot interpolate {n_positions} position embeddings: not a square grid (+ CLS).")
+    old_grid = math.isqrt(n_positions - n_extra)
+    grid = weight[n_extra:].float().reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, dim).to(weight.dtype)
+    return torch.cat([weight[:n_extra], grid])
+
+
+def _resize_vision_tower(vision_config, vision_tower, image_size: int):
+    """A vision config at `image_size`, and the pretrained tower (if any) with interpolated position embeddings."""
+    patch = _side(vision_config.patch_size)
+    if image_size % patch:
+        raise ValueError(f"image_size={image_size} must be a multiple of the patch size {patch}.")
+    vision_config = copy.deepcopy(vision_config)
+    vision_config.image_size = [image_size, image_size] if isinstance(vision_config.image_size, (list, tuple)) \
+        else image_size
+    if vision_tower is None:
+        return vision_config, None
+    state = vision_tower.state_dict()
+    keys = [k for k in state if k.endswith(("position_embedding.weight", "position_embeddings"))]
+    if len(keys) != 1:
+        raise ValueError(f"Cannot find the position embeddings of {type(vision_tower).__name__} (found {keys}).")
+    key = keys[0]
+    weight = state[key]
+    resized = interpolate_position_embeddings(weight.reshape(-1, weight.shape[-1]), image_size // patch)
+    state[key] = resized.reshape(*weight.shape[:-2], -1, weight.shape[-1])
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    resized_tower = AutoModel.from_config(vision_config).to(weight.dtype)
+    missing, unexpected = resized_tower.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("position_ids") for k in missing):
+        raise ValueError(f"Resizing the vision tower lost weights: missing {missing}, unexpected {unexpected}.")
+    return vision_config, resized_tower
 
 
 def _load_vision_tower(name_or_path: str, vision_config: PreTrainedConfig, dtype) -> nn.Module:
