@@ -698,12 +698,30 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
         config = TrolConfig(
             vision_config=vision_config, text_config=text_config, image_token_id=image_token_id, **config_kwargs
         )
-        model = cls(config)
-        if vision_tower is not None:
-            model.model.vision_tower.load_state_dict(vision_tower.state_dict())
-        if language_model is not None:
-            model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
-            model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+        if vision_tower is None and language_model is None:
+            model = cls(config)
+        else:
+            # Build the skeleton on the meta device and move the pretrained parts in: a 7B decoder is never held twice.
+            with torch.device("meta"):
+                model = cls(config)
+            base = model.model
+            base.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(vision_config)
+            if language_model is not None:
+                base.language_model = language_model.get_decoder()
+                install_traversal(base.language_model)
+                head = language_model.get_output_embeddings()
+                model.lm_head = head if not config.tie_word_embeddings else nn.Linear(
+                    head.in_features, head.out_features, bias=False, device="meta")
+            else:
+                base.language_model = AutoModel.from_config(text_config)
+                install_traversal(base.language_model)
+            for module in (base.multi_modal_projector, base.trol_gates, model.lm_head):
+                if any(p.is_meta for p in module.parameters()):
+                    module.to_empty(device="cpu")
+                    for sub in module.modules():
+                        model._init_weights(sub)
+            if config.tie_word_embeddings:
+                model.lm_head.weight = base.language_model.get_input_embeddings().weight
         if dtype is not None:
             model.to(dtype)
         return model
