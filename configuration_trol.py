@@ -122,6 +122,11 @@ class TrolConfig(PreTrainedConfig):
                 f"TrolConfig.gate_init_mixing_ratio={self.gate_init_mixing_ratio} must lie strictly between 0 and 1 "
                 "(the gate's output 0.5*tanh(.)+0.5 never reaches 0 or 1); 0.1 is the default."
             )
+        if self.vision_feature_select_strategy == "default" and self.vision_config.model_type.startswith("siglip"):
+            raise ValueError(
+                f"vision_feature_select_strategy='default' drops the first token as a CLS token, but "
+                f"{self.vision_config.model_type} has none (it would drop a real patch); use 'full'."
+            )
         if self.downsample_ratio is not None and not (0 < self.downsample_ratio <= 1
                                                       and (1 / self.downsample_ratio).is_integer()):
             raise ValueError(

@@ -430,6 +430,16 @@ class TrolModel(TrolPreTrainedModel):
         features = image_features.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
         return inputs_embeds.masked_scatter(image_mask[..., None].to(inputs_embeds.device), features)
 
+    def _check_context_length(self, length: int, past_key_values: Cache | None) -> None:
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+        if limit is not None and past + length > limit:
+            raise ValueError(
+                f"The sequence is {past + length} tokens ({past} cached + {length} new), more than the decoder's "
+                f"context of max_position_embeddings={limit}. Shorten the prompt or use fewer/smaller images "
+                "(the processor never truncates through image tokens), or lower max_new_tokens."
+            )
+
     def traversal_state(self, inputs_embeds, attention_mask, past_key_values, traversal_mask):
         """Resolve which tokens of this call traverse (TROL.md section 2.3); None when none does."""
         batch, length = inputs_embeds.shape[:2]
@@ -486,6 +496,7 @@ class TrolModel(TrolPreTrainedModel):
                 f"The prompt holds {int((input_ids == self.config.image_token_id).sum())} image tokens "
                 f"(id {self.config.image_token_id}) but no pixel_values were given."
             )
+        self._check_context_length(inputs_embeds.shape[1], past_key_values)
         state = self.traversal_state(inputs_embeds, attention_mask, past_key_values, traversal_mask)
         kwargs["return_dict"] = True
         if state is not None:

@@ -2,8 +2,9 @@
 
 One call (`TrolProcessor.__call__`, also reached through `apply_chat_template(..., tokenize=True)`):
 1. Every image (PIL image, numpy array, torch tensor, file path or URL) becomes an 8-bit RGB PIL image
-   (`load_rgb_image`), as the original code read every image: grayscale, palette and 1-bit images are converted,
-   16-bit / float images are scaled to 0-255, transparent pixels are composited onto white.
+   (`load_rgb_image`), as the original code fed every image (it used PIL's `convert("RGB")`). Unlike that call,
+   16-bit and float images are scaled to 0-255 rather than clipped, and transparent pixels become white rather than
+   whatever colour they hide; files are turned upright from their EXIF orientation, as transformers' `load_image`.
 2. The image processor makes `pixel_values` (n_images or n_tiles_total, 3, S, S), in prompt order.
 3. Each placeholder `image_token` ("<image>") of the text becomes
    `image_start_token + image_context_token * (num_image_tokens * tiles) + image_end_token`, tiles = 1 for
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from transformers import CLIPImageProcessorPil, GotOcr2ImageProcessorPil
 from transformers.image_utils import (
@@ -54,57 +56,96 @@ TROL_SYSTEM_PROMPT = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Chat templates. Assistant content + its end marker sit inside {% generation %} (TRL's assistant-only loss).
+# Chat templates. Each assistant answer + its end marker sits inside {% generation %} (TRL's assistant-only loss).
 # ----------------------------------------------------------------------------------------------------------------
-def _render_macro(image_text: str) -> str:
-    """Jinja macro `render(content)`: a string as is; blocks in order, image -> `image_text`, text -> its text."""
-    return (
-        "{%- macro render(content) -%}{%- if content is string -%}{{- content -}}{%- else -%}"
-        "{%- for block in content -%}{%- if block['type'] == 'image' -%}{{- " + json.dumps(image_text) + " -}}"
-        "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
-        "{%- endmacro -%}"
-    )
+_RENDER_CONTENT = r"""
+{#- render_content(content): a string as is; content blocks in order: an image as image_text, a text as its text -#}
+{%- macro render_content(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- else -%}
+        {%- for block in content -%}
+            {%- if block['type'] == 'image' -%}{{- image_text -}}
+            {%- elif block['type'] == 'text' -%}{{- block['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}"""
+
+_RELEASED_FORMAT = _RENDER_CONTENT + r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set system = render_content(messages[0]['content']) -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set system = default_system -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{{- system_start + system + turn_end + '\n' -}}
+{%- for message in loop_messages -%}
+    {%- if message['role'] == 'user' -%}
+        {{- user_start + render_content(message['content']) + turn_end + '\n' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- assistant_start -}}
+        {%- generation -%}{{- render_content(message['content']) + turn_end -}}{%- endgeneration -%}
+        {{- '\n' -}}
+    {%- else -%}
+        {{- raise_exception('TroL templates know the roles system (first message only), user and assistant, not '
+                            + message['role']) -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- assistant_start -}}{%- endif -%}
+"""
+
+_CHATML_FORMAT = _RENDER_CONTENT + r"""
+{%- if bos_token is defined and bos_token -%}{{- bos_token -}}{%- endif -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'assistant' -%}
+        {{- '<|im_start|>assistant\n' -}}
+        {%- generation -%}{{- render_content(message['content']) + '<|im_end|>' -}}{%- endgeneration -%}
+        {{- '\n' -}}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + '\n' + render_content(message['content']) + '<|im_end|>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+_TO_TEXT_PREAMBLE = _RENDER_CONTENT + r"""
+{#- turn every message's content blocks into one string, then the tokenizer's own template follows -#}
+{%- set trol_ns = namespace(messages=[]) -%}
+{%- for message in messages -%}
+    {%- if message['content'] is string or message['content'] is none -%}
+        {%- set trol_ns.messages = trol_ns.messages + [message] -%}
+    {%- else -%}
+        {%- set text = render_content(message['content']) -%}
+        {%- set trol_ns.messages = trol_ns.messages + [dict(message, content=text)] -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- set messages = trol_ns.messages -%}
+"""
 
 
-def _trol_template(header: str, start: str, end: str) -> str:
-    """The released formats: `header{system}{end}\\n` then `{start}role\\n{content}{end}\\n` per message."""
-    return (
-        _render_macro("<image>\n")
-        + "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = render(messages[0]['content']) -%}"
-        "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set system = " + json.dumps(TROL_SYSTEM_PROMPT) + " -%}"
-        "{%- set loop_messages = messages -%}{%- endif -%}"
-        "{{- " + json.dumps(header) + " + system + " + json.dumps(end + "\n") + " -}}"
-        "{%- for message in loop_messages -%}{%- if message['role'] == 'user' -%}"
-        "{{- " + json.dumps(start.format(role="user")) + " + render(message['content']) + " + json.dumps(end + "\n")
-        + " -}}{%- elif message['role'] == 'assistant' -%}{{- " + json.dumps(start.format(role="assistant")) + " -}}"
-        "{%- generation -%}{{- render(message['content']) + " + json.dumps(end) + " -}}{%- endgeneration -%}"
-        "{{- '\\n' -}}{%- else -%}{{- raise_exception('TroL chat templates know the roles system (first message only), "
-        "user and assistant; got ' + message['role']) -}}{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- " + json.dumps(start.format(role="assistant")) + " -}}{%- endif -%}"
-    )
+def _with_values(template: str, **values: str) -> str:
+    """Prepend `{%- set name = "value" -%}` lines (JSON string literals are valid Jinja string literals)."""
+    return "".join(f"{{%- set {name} = {json.dumps(value)} -%}}\n" for name, value in values.items()) + template
 
 
-TROL_INTERNLM2_TEMPLATE = _trol_template(
-    "<s>[UNUSED_TOKEN_146]system\n", "[UNUSED_TOKEN_146]{role}\n", "[UNUSED_TOKEN_145]"
+TROL_INTERNLM2_TEMPLATE = _with_values(
+    _RELEASED_FORMAT, image_text="<image>\n", default_system=TROL_SYSTEM_PROMPT,
+    system_start="<s>[UNUSED_TOKEN_146]system\n", user_start="[UNUSED_TOKEN_146]user\n",
+    assistant_start="[UNUSED_TOKEN_146]assistant\n", turn_end="[UNUSED_TOKEN_145]",
 )
 """TroL-1.8B / 7B: `<s>[UNUSED_TOKEN_146]system\\n{SYSTEM}[UNUSED_TOKEN_145]\\n[UNUSED_TOKEN_146]user\\n<image>\\n
 {QUESTION}[UNUSED_TOKEN_145]\\n[UNUSED_TOKEN_146]assistant\\n{ANSWER}[UNUSED_TOKEN_145]\\n`."""
 
-TROL_PHI3_TEMPLATE = _trol_template("<s><|system|>\n", "<|{role}|>\n", "<|end|>")
-"""TroL-3.8B: `<s><|system|>\\n{SYSTEM}<|end|>\\n<|user|>\\n<image>\\n{QUESTION}<|end|>\\n<|assistant|>\\n{ANSWER}<|end|>\\n`."""
+TROL_PHI3_TEMPLATE = _with_values(
+    _RELEASED_FORMAT, image_text="<image>\n", default_system=TROL_SYSTEM_PROMPT, system_start="<s><|system|>\n",
+    user_start="<|user|>\n", assistant_start="<|assistant|>\n", turn_end="<|end|>",
+)
+"""TroL-3.8B: `<s><|system|>\\n{SYSTEM}<|end|>\\n<|user|>\\n<image>\\n{QUESTION}<|end|>\\n<|assistant|>\\n
+{ANSWER}<|end|>\\n`."""
 
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-def _chatml_template(image_token: str) -> str:
-    return (
-        _render_macro(image_token + "\n")
-        + "{%- if bos_token is defined and bos_token -%}{{- bos_token -}}{%- endif -%}"
-        "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
-        "{%- generation -%}{{- render(message['content']) + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
-        "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' -}}"
-        "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-    )
 
 
 def generic_chat_template(tokenizer, image_token: str = "<image>") -> str:
@@ -120,13 +161,7 @@ def generic_chat_template(tokenizer, image_token: str = "<image>") -> str:
     own = getattr(tokenizer, "chat_template", None)
     own = own.get("default") if isinstance(own, dict) else own
     if own and _GENERATION_TAG.search(own):
-        preamble = (
-            _render_macro(image_token + "\n") + "{%- set ns = namespace(messages=[]) -%}{%- for m in messages -%}"
-            "{%- if m['content'] is string or m['content'] is none -%}{%- set ns.messages = ns.messages + [m] -%}"
-            "{%- else -%}{%- set ns.messages = ns.messages + [dict(m, content=render(m['content']))] -%}{%- endif -%}"
-            "{%- endfor -%}{%- set messages = ns.messages -%}"
-        )
-        return preamble + own
+        return _with_values(_TO_TEXT_PREAMBLE, image_text=image_token + "\n") + own
     reason = "has no chat template" if not own else "has a chat template without {% generation %} markers"
     missing = [t for t in ("<|im_start|>", "<|im_end|>") if _single_token_id(tokenizer, t) is None]
     advice = (
@@ -140,7 +175,7 @@ def generic_chat_template(tokenizer, image_token: str = "<image>") -> str:
         UserWarning,
         stacklevel=2,
     )
-    return _chatml_template(image_token)
+    return _with_values(_CHATML_FORMAT, image_text=image_token + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,8 +185,9 @@ def trol_clip_image_processor(size: int = 490) -> CLIPImageProcessorPil:
     """TroL-1.8B/7B preprocessing: bicubic resize of the 8-bit image to exactly size x size (no crop), then
     (x - 255 * mean) / (255 * std) with the CLIP mean/std (done as rescale 1/255 + normalize).
 
-    The PIL backend is chosen on purpose: its numerics do not depend on whether torchvision is installed. (The
-    authors' demo resized with torch `F.interpolate(mode="bicubic")`, whose kernel differs slightly from PIL's.)"""
+    The PIL backend is chosen on purpose: its numerics do not depend on whether torchvision is installed. The
+    authors' own code resized with torch `F.interpolate(uint8, mode="bicubic")`, which differs from PIL's bicubic
+    (no antialiasing when downscaling, kernel a=-0.75 instead of -0.5): a few gray levels on downscaled photos."""
     return CLIPImageProcessorPil(
         do_resize=True, size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
         do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
@@ -169,51 +205,40 @@ def trol_internvl_image_processor(tile_size: int = 448, max_tiles: int = 6) -> G
     )
 
 
-def num_image_tokens_for(config) -> int:
-    """Image tokens that `TrolModel.get_image_features` gives per image (no tiling) for a TrolConfig:
-    (image_size // patch_size)^2 patch tokens, plus a CLS token for CLS encoders (CLIP & co; SigLIP has none),
-    minus the first token when `vision_feature_select_strategy == "default"`. 490-px CLIP/14 -> 1225."""
-    vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2 + int("siglip" not in vision.model_type)
-    return n - int(config.vision_feature_select_strategy == "default")
-
-
 def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """uint8 as is; bool -> 0/255; uint16 (16-bit) scaled by 255/65535; other integers must lie in 0..255;
+    floats are 0..1 if their max is <= 1, else 0..255. Negative floats look normalised already and are refused."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
-    if array.dtype == np.uint16:  # 16-bit images: full range 0..65535 -> 0..255
+    if array.dtype == np.uint16:
         return np.round(array / 257.0).astype(np.uint8)
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
     if np.issubdtype(array.dtype, np.integer):
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(
-                f"{what} has {array.dtype} values in [{array.min()}, {array.max()}]; integer images must lie in "
-                "0..255 (or be uint16 for 16-bit images)."
-            )
+        if low < 0 or high > 255:
+            raise ValueError(f"{what} has {array.dtype} values in [{low}, {high}]; integer images must lie in 0..255 "
+                             "(or be uint16 for 16-bit images).")
         return array.astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float64)
-        if array.size and array.min() < 0:
-            raise ValueError(
-                f"{what} has negative values (min {array.min():.3f}): it looks normalised already. Pass the raw image "
-                "(0..1 floats, 0..255 values or uint8); the processor normalises it."
-            )
-        scale = 255.0 if array.size and array.max() <= 1.0 else 1.0  # 0..1 floats, else 0..255 floats
-        return np.round(np.clip(array * scale, 0, 255)).astype(np.uint8)
-    raise ValueError(f"{what} has dtype {array.dtype}; give uint8, uint16, integer, bool or float pixels.")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{what} has dtype {array.dtype}; give uint8, uint16, integer, bool or float pixels.")
+    if low < 0:
+        raise ValueError(f"{what} has negative values (min {low:.3f}): it looks normalised already. Pass the raw "
+                         "image (0..1 floats, 0..255 values or uint8); the processor normalises it.")
+    scale = 255.0 if high <= 1.0 else 1.0
+    return np.round(np.clip(array.astype(np.float64) * scale, 0, 255)).astype(np.uint8)
 
 
 def _array_to_pil(array: np.ndarray, channels_first: bool, what: str) -> PIL.Image.Image:
-    if array.ndim == 3:
-        first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
-        if first and (channels_first or not last):
-            array = array.transpose(1, 2, 0)
-        elif not last:
-            raise ValueError(f"{what} has shape {array.shape}: expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4.")
-        array = array[..., 0] if array.shape[-1] == 1 else array
-    elif array.ndim != 2:
-        raise ValueError(f"{what} has shape {array.shape}: expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4.")
+    """(H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; `channels_first` settles shapes that read both ways."""
+    first, last = array.ndim == 3 and array.shape[0] in (1, 3, 4), array.ndim == 3 and array.shape[-1] in (1, 3, 4)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and not (first or last)):
+        raise ValueError(f"{what} has shape {tuple(array.shape)}: expected (H, W), (H, W, C) or (C, H, W) with "
+                         "C in 1, 3, 4.")
+    if first and (channels_first or not last):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
     return PIL.Image.fromarray(np.ascontiguousarray(_to_uint8(array, what)))
 
 
@@ -223,14 +248,12 @@ def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         return image
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale: scale to 8 bits first
         array = np.asarray(image)
-        if mode.startswith("I"):
-            array = np.clip(array, 0, 65535).astype(np.uint16)
+        array = np.clip(array, 0, 65535).astype(np.uint16) if mode.startswith("I") else array
         return _pil_to_rgb(_array_to_pil(array, channels_first=False, what=f"The {mode} image"))
     if "A" in mode or "a" in mode or "transparency" in image.info:  # composite transparent pixels onto white
         rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+        return PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, HSV
 
 
 def load_rgb_image(image: Any) -> PIL.Image.Image:
@@ -248,12 +271,10 @@ def load_rgb_image(image: Any) -> PIL.Image.Image:
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()  # decode now: truncated or corrupt files fail here, not deep inside preprocessing
-                return _pil_to_rgb(opened.copy())
+                return _pil_to_rgb(PIL.ImageOps.exif_transpose(opened))  # upright, as transformers' load_image
         except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise ValueError(
-                f"Image file {path!r} is not a readable image ({type(error).__name__}: {error}). It may be truncated "
-                "or corrupt: re-download or re-encode it, or drop this sample."
-            ) from error
+            raise ValueError(f"Image file {path!r} is not a readable image ({type(error).__name__}: {error}). It may "
+                             "be truncated or corrupt: re-download or re-encode it, or drop this sample.") from error
     if isinstance(image, PIL.Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
@@ -262,14 +283,12 @@ def load_rgb_image(image: Any) -> PIL.Image.Image:
         return _pil_to_rgb(_array_to_pil(array, channels_first=True, what="The image tensor"))
     if isinstance(image, np.ndarray):
         return _pil_to_rgb(_array_to_pil(image, channels_first=False, what="The image array"))
-    raise TypeError(
-        f"Cannot use an object of type {type(image).__name__} as an image; give a PIL image, numpy array, torch "
-        "tensor, file path or URL."
-    )
+    raise TypeError(f"Cannot use an object of type {type(image).__name__} as an image; give a PIL image, numpy "
+                    "array, torch tensor, file path or URL.")
 
 
 def _load_nested(images: Any) -> Any:
-    """Apply `load_rgb_image` through (nested) lists; a 4-D array/tensor is a batch of images."""
+    """`load_rgb_image` through (nested) lists; a 4-D array/tensor is a batch of images."""
     if isinstance(images, (list, tuple)):
         return [_load_nested(item) for item in images]
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
@@ -305,12 +324,15 @@ class TrolProcessor(ProcessorMixin):
         image_token: placeholder string that marks an image in the text (what the chat template writes).
         num_image_tokens: image tokens per image (fixed-size processors) or per tile (tiling processors); must equal
             the number of features `TrolModel.get_image_features` gives per `pixel_values` entry
-            (`num_image_tokens_for(config)`; 1225 for TroL-1.8B/7B, 256 for TroL-3.8B).
+            (`TrolConfig.image_seq_length`; 1225 for TroL-1.8B/7B, 256 for TroL-3.8B).
         image_context_token: token repeated in place of each image; default `image_token` itself. Its id is
             `image_token_id`, which must equal the model's `config.image_token_id`.
         image_start_token / image_end_token: strings written around each image's tokens (TroL-3.8B: `<img>`,
             `</img>`), None for none.
         padding_side: padding side used unless a call gives `padding_side=` ("left": generation-ready batches).
+
+    A call never truncates: a prompt longer than `max_length` (or than `tokenizer.model_max_length` when truncation
+    is asked) raises a ValueError naming the lengths (see the module docstring).
     """
 
     def __init__(
@@ -335,11 +357,16 @@ class TrolProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = generic_chat_template(tokenizer, image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        self.image_token, self.num_image_tokens, self.padding_side = image_token, int(num_image_tokens), padding_side
-        self.image_context_token, self.image_start_token = image_context_token, image_start_token
+        self.image_token = image_token
+        self.num_image_tokens = int(num_image_tokens)
+        self.image_context_token = image_context_token
+        self.image_start_token = image_start_token
         self.image_end_token = image_end_token
-        self.image_token_id = self._token_id(self.context_token, "image_context_token" if image_context_token
-                                             else "image_token")
+        self.padding_side = padding_side
+        # Pipelines pad batches of separately processed prompts with the tokenizer's own side: make it agree.
+        self.tokenizer.padding_side = padding_side
+        context_name = "image_context_token" if image_context_token else "image_token"
+        self.image_token_id = self._token_id(self.context_token, context_name)
         extra = [(image_start_token, "image_start_token"), (image_end_token, "image_end_token")]
         self.image_token_ids = [self.image_token_id] + [self._token_id(t, n) for t, n in extra if t is not None]
 
@@ -379,11 +406,12 @@ class TrolProcessor(ProcessorMixin):
             raise ValueError("TrolProcessor handles images and text only; got videos or audio.")
         if text is None:
             if images is None:
-                raise ValueError("Give text (a prompt or a list of prompts), with images if the text holds placeholders.")
+                raise ValueError("Give text (a prompt or a list of prompts), and images for its placeholders.")
             return
         text = [text] if isinstance(text, str) else text
         if not isinstance(text, list) or not text or not all(isinstance(sample, str) for sample in text):
-            raise ValueError(f"text must be a non-empty string or list of strings, got {type(text).__name__} {text!r:.80}.")
+            raise ValueError(f"text must be a non-empty string or list of strings, got {type(text).__name__} "
+                             f"{text!r:.80}.")
         for index, sample in enumerate(text):
             if not sample.strip():
                 raise ValueError(f"Prompt {index} of the batch is empty; every prompt needs some text.")
@@ -392,8 +420,7 @@ class TrolProcessor(ProcessorMixin):
             f"Each image needs exactly one {self.image_token!r} in the text, where the image goes (the chat template "
             "writes one per {'type': 'image'} block): add or remove placeholders, or pass one image per placeholder."
         )
-        per_sample = isinstance(images, list) and len(images) == len(text) and all(isinstance(i, list) for i in images)
-        if per_sample:
+        if isinstance(images, list) and len(images) == len(text) and all(isinstance(i, list) for i in images):
             for index, (count, given) in enumerate(zip(counts, images)):
                 if count != len(given):
                     raise ValueError(f"Prompt {index} holds {count} image placeholder(s) but {len(given)} image(s) "
@@ -409,8 +436,11 @@ class TrolProcessor(ProcessorMixin):
         text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
         target = text_kwargs if "truncation" in text_kwargs else kwargs
         truncation = target.get("truncation")
-        max_length = text_kwargs.get("max_length", kwargs.get("max_length"))
         target["truncation"] = False  # never truncate (see the module docstring); the length is checked below
+        max_length = text_kwargs.get("max_length", kwargs.get("max_length"))
+        if text_kwargs.get("padding", kwargs.get("padding")) != "max_length":  # max_length then only bounds the length
+            text_kwargs.pop("max_length", None)
+            kwargs.pop("max_length", None)
         if "padding_side" not in kwargs and "padding_side" not in text_kwargs:
             kwargs["padding_side"] = self.padding_side
         bos = self.tokenizer.bos_token
@@ -428,7 +458,8 @@ class TrolProcessor(ProcessorMixin):
     def _check_length(self, outputs, truncation, max_length: int | None) -> None:
         if max_length is not None:
             limit, source = max_length, "max_length"
-        elif truncation not in (None, False, "do_not_truncate") and self.tokenizer.model_max_length < VERY_LARGE_INTEGER:
+        elif truncation not in (None, False, "do_not_truncate") and \
+                self.tokenizer.model_max_length < VERY_LARGE_INTEGER:
             limit, source = self.tokenizer.model_max_length, "the tokenizer's model_max_length (truncation was asked)"
         else:
             return
@@ -463,7 +494,6 @@ __all__ = [
     "TrolProcessor",
     "generic_chat_template",
     "load_rgb_image",
-    "num_image_tokens_for",
     "trol_clip_image_processor",
     "trol_internvl_image_processor",
 ]

@@ -8,12 +8,13 @@ import sys
 import textwrap
 import threading
 
+import PIL.Image
 import pytest
 import torch
-from tiny import prompt_batch, tiny_model
+from tiny import char_tokenizer, prompt_batch, tiny_model
 from transformers import BitsAndBytesConfig, TextIteratorStreamer
 
-from trol import TrolForConditionalGeneration
+from trol import TROL_INTERNLM2_TEMPLATE, TrolForConditionalGeneration, TrolProcessor, trol_clip_image_processor
 
 CLEAN_PROCESS_LOAD = """
 import sys
@@ -35,6 +36,19 @@ base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 assert type(base).__name__ == "TrolModel", type(base)
 with torch.no_grad():
     results["AutoModel"] = base(**inputs).last_hidden_state
+from PIL import Image
+from transformers import AutoProcessor, pipeline
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert type(processor).__name__ == "TrolProcessor"
+pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+def chat(color, question):
+    return [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 30), color)},
+                                         {"type": "text", "text": question}]}]
+chats = [chat((200, 10, 10), "What is it?"), chat((10, 10, 200), "Which colour is it?")]
+single = pipe(text=chats[0], max_new_tokens=4, return_full_text=False)
+batched = pipe(text=chats, max_new_tokens=4, return_full_text=False, batch_size=2)
+results["pipeline_single"] = single[0]["generated_text"]
+results["pipeline_batched"] = [row[0]["generated_text"] for row in batched]
 modules = sorted(name for name in sys.modules if name.startswith("transformers_modules") and "modeling_trol" in name)
 assert modules, "the model did not come from the folder's remote code"
 assert not any(name == "trol" or name.startswith("trol.") for name in sys.modules if sys.modules[name] is not None)
@@ -75,6 +89,9 @@ def test_clean_process_loads_through_auto_classes_and_reproduces_logits(tmp_path
     model = tiny_model("qwen2")
     folder = tmp_path / "model"
     model.save_pretrained(folder)
+    processor = TrolProcessor(trol_clip_image_processor(28), char_tokenizer(), num_image_tokens=4,
+                              chat_template=TROL_INTERNLM2_TEMPLATE)
+    processor.save_pretrained(folder)
     ids, mask, pixels = prompt_batch((9, 6))
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -88,6 +105,21 @@ def test_clean_process_loads_through_auto_classes_and_reproduces_logits(tmp_path
         torch.testing.assert_close(results[name], logits, rtol=0, atol=1e-6)
         assert torch.equal(results[name + "_generate"], generated)
     torch.testing.assert_close(results["AutoModel"], hidden, rtol=0, atol=1e-6)
+    # the pipeline answers as processor + generate do in this process, alone and batched
+    chats = [pipeline_chat((200, 10, 10), "What is it?"), pipeline_chat((10, 10, 200), "Which colour is it?")]
+    expected = []
+    for conversation in chats:
+        batch = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True, return_tensors="pt")
+        new = model.generate(**batch, max_new_tokens=4)[:, batch["input_ids"].shape[1]:]
+        expected.append(processor.post_process_image_text_to_text(new)[0])
+    assert results["pipeline_single"] == expected[0]
+    assert results["pipeline_batched"] == expected
+
+
+def pipeline_chat(color, question):
+    image = PIL.Image.new("RGB", (40, 30), color)
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -256,3 +256,11 @@ def test_config_rejects_unknown_knob_values(field, value):
     with pytest.raises(Exception, match=field):
         TrolConfig(text_config=LlamaConfig(**{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}),
                    **{field: value})
+
+
+def test_a_sequence_longer_than_the_decoder_context_is_refused():
+    model = tiny_model("llama")  # max_position_embeddings=1024
+    with pytest.raises(ValueError, match=r"1025 tokens \(0 cached \+ 1025 new\), more than .*embeddings=1024"):
+        model(input_ids=torch.randint(3, 100, (1, 1025)))
+    with pytest.raises(ValueError, match=r"1025 tokens \(1024 cached \+ 1 new\)"):
+        model.generate(input_ids=torch.randint(3, 100, (1, 1020)), max_new_tokens=10, min_new_tokens=10)

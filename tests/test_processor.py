@@ -1,20 +1,24 @@
 """TrolProcessor: image-token expansion, batching, input checks, image loading, chat templates, assistant masks,
 preprocessing numerics of the released checkpoints, tiling grid, save/load. Tiny tokenizers and images built in code."""
 
+import itertools
 import json
 import re
-import string
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, tiny_config, tiny_model
-from tokenizers import Tokenizer, decoders, models
-from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast, SiglipImageProcessorPil, pipeline
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from tiny import CONTEXT, DECODERS, IMAGE_TOKEN, char_tokenizer, tiny_model
+from transformers import (
+    CLIPVisionConfig,
+    InternVLVisionConfig,
+    LlamaConfig,
+    SiglipImageProcessorPil,
+    pipeline,
+)
 
-from trol import TrolConfig
+from trol import TrolConfig, TrolForConditionalGeneration
 from trol.processing_trol import (
     TROL_INTERNLM2_TEMPLATE,
     TROL_PHI3_TEMPLATE,
@@ -22,27 +26,12 @@ from trol.processing_trol import (
     TrolProcessor,
     generic_chat_template,
     load_rgb_image,
-    num_image_tokens_for,
     trol_clip_image_processor,
     trol_internvl_image_processor,
 )
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]", "<|system|>", "<|user|>",
-            "<|assistant|>", "<|end|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
-CONTEXT, START, END = 14, 12, 13  # ids of <IMG_CONTEXT>, <img>, </img>
-
-
-def char_tokenizer(model_max_length: int | None = None) -> PreTrainedTokenizerFast:
-    """Lossless character-level tokenizer: printable ASCII + special tokens; pad 0, bos 1, eos 2, <image> 127."""
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
-    vocab["<image>"] = IMAGE_TOKEN
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIALS + ["<image>"])
-    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", **extra)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # TROL.md section 4
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def clip_processor(template=TROL_INTERNLM2_TEMPLATE, size: int = 28, num_image_tokens: int = 4, **kwargs):
@@ -67,14 +56,15 @@ def noise_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
 def chat(image=None, question="What is it?", answers=("A cat.", "Done.")):
     first = [{"type": "image", "image": image} if image is not None else {"type": "image"},
              {"type": "text", "text": question}]
-    return [{"role": "user", "content": first}, {"role": "assistant", "content": [{"type": "text", "text": answers[0]}]},
+    return [{"role": "user", "content": first},
+            {"role": "assistant", "content": [{"type": "text", "text": answers[0]}]},
             {"role": "user", "content": [{"type": "text", "text": "And?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": answers[1]}]}]
 
 
 def runs(row: list[int], token: int) -> list[int]:
     """Lengths of the consecutive runs of `token` in row."""
-    return [len(m) for m in re.findall(f"{chr(1)}+", "".join(chr(1) if t == token else chr(2) for t in row))]
+    return [len(list(group)) for value, group in itertools.groupby(row) if value == token]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,20 +74,20 @@ def test_490_px_clip_config_expands_each_image_to_1225_tokens():
     text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                        vocab_size=128)
     config = TrolConfig(vision_config=CLIPVisionConfig(image_size=490, patch_size=14), text_config=text)
-    assert num_image_tokens_for(config) == 35 * 35 == 1225
+    assert config.image_seq_length == 35 * 35 == 1225  # CLS dropped
     config_336 = TrolConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14), text_config=text)
-    assert num_image_tokens_for(config_336) == 576
-    processor = clip_processor(size=490, num_image_tokens=num_image_tokens_for(config))
+    assert config_336.image_seq_length == 576
+    processor = clip_processor(size=490, num_image_tokens=config.image_seq_length)
     out = processor(images=noise_image(64, 48), text="<image>\nDescribe.", return_tensors="pt")
     assert out["input_ids"][0].tolist().count(IMAGE_TOKEN) == 1225
     assert out["pixel_values"].shape == (1, 3, 490, 490)
 
 
 @pytest.mark.parametrize("vision,strategy", [("clip", "default"), ("clip", "full"), ("siglip", "full")])
-def test_num_image_tokens_for_matches_the_model_features(vision, strategy):
+def test_config_image_seq_length_is_the_number_of_features_per_image(vision, strategy):
     model = tiny_model(vision=vision, vision_feature_select_strategy=strategy)
     features = model.get_image_features(torch.randn(2, 3, 28, 28))
-    assert features.shape[1] == num_image_tokens_for(model.config)
+    assert features.shape[1] == model.config.image_seq_length  # what num_image_tokens= must be
 
 
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
@@ -114,6 +104,25 @@ def test_processed_chat_batch_runs_through_a_tiny_model(vision):
                                            return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
     assert inputs["pixel_values"].shape == (3, 3, 28, 28)
     assert (inputs["input_ids"] == IMAGE_TOKEN).sum(-1).tolist() == [8, 4]
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+def test_tiled_chat_batch_runs_through_a_tiny_internvit_model():
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  image_size=[56, 56], patch_size=[7, 7])  # 8x8 patches -> 4x4 after pixel shuffle
+    config = TrolConfig(vision_config=vision, text_config=DECODERS["phi3"](), image_token_id=CONTEXT,
+                        downsample_ratio=0.5, projector_layernorm=True, share_gates=True)
+    torch.manual_seed(0)
+    model = TrolForConditionalGeneration(config).eval()
+    processor = tiling_processor(num_image_tokens=config.image_seq_length, tile_size=56)
+    content = [[{"type": "image", "image": solid(size=size)}, {"type": "text", "text": "?"}]
+               for size in [(112, 56), (56, 56)]]  # wide: 2x1 tiles + thumbnail; square: 1 tile
+    chats = [[{"role": "user", "content": blocks}] for blocks in content]
+    inputs = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", processor_kwargs={"padding": True})
+    assert inputs["pixel_values"].shape == (4, 3, 56, 56)  # 2x1 tiles + thumbnail, then 1 tile
+    assert (inputs["input_ids"] == CONTEXT).sum(-1).tolist() == [3 * 16, 16]
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
 
@@ -217,7 +226,8 @@ def test_empty_prompts_are_refused(text):
 
 def test_prompt_longer_than_max_length_raises_instead_of_truncating():
     processor = clip_processor(model_max_length=16)
-    with pytest.raises(ValueError, match=r"Prompt 0 is 10 tokens long \(4 of them image tokens\), more than max_length=8"):
+    too_long = r"Prompt 0 is 10 tokens long \(4 of them image tokens\), more than max_length=8"
+    with pytest.raises(ValueError, match=too_long):
         processor(images=solid(), text="<image>hello!", max_length=8, truncation=True)
     with pytest.raises(ValueError, match=r"is 20 tokens long.*model_max_length.*=16"):
         processor(text="x" * 20, truncation=True)
@@ -226,10 +236,13 @@ def test_prompt_longer_than_max_length_raises_instead_of_truncating():
     fits = processor(images=solid(), text="<image>hello", truncation=True, max_length=9)
     assert fits["input_ids"][0] == processor(images=solid(), text="<image>hello")["input_ids"][0]
     assert len(processor(text="x" * 20)["input_ids"][0]) == 20  # no truncation asked: no limit
+    padded = processor(text="xy", padding="max_length", max_length=6)
+    assert padded["input_ids"][0] == [0] * 4 + [processor.tokenizer.convert_tokens_to_ids("x")] * 1 + [
+        processor.tokenizer.convert_tokens_to_ids("y")]
 
 
 def test_a_missing_image_or_context_token_is_refused_at_construction():
-    with pytest.raises(ValueError, match=r"image_context_token='<IMAGE_PATCH>' is not a single token.*add_special_tokens"):
+    with pytest.raises(ValueError, match=r"image_context_token='<IMAGE_PATCH>' is not a single token.*add_special_"):
         TrolProcessor(trol_clip_image_processor(28), char_tokenizer(), chat_template=TROL_PHI3_TEMPLATE,
                       image_context_token="<IMAGE_PATCH>")
 
@@ -251,6 +264,19 @@ def test_pil_numpy_tensor_and_path_inputs_give_the_same_pixels(tmp_path):
         torch.testing.assert_close(pixels, reference, atol=0, rtol=0, msg=lambda m: f"{type(item)}: {m}")
     batch = processor(images=np.stack([array, array]), text="<image><image>", return_tensors="pt")
     assert batch["pixel_values"].shape == (2, 3, 28, 28)  # a 4-D array is a batch of images
+
+
+def test_files_are_read_upright_from_their_exif_orientation(tmp_path):
+    path = tmp_path / "photo.jpg"
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees to display
+    solid(size=(40, 30)).save(path, exif=exif)
+    assert load_rgb_image(path).size == (30, 40)
+
+
+def test_images_without_text_give_pixel_values_only():
+    out = clip_processor()(images=[solid(), solid()], return_tensors="pt")
+    assert list(out.keys()) == ["pixel_values"] and out["pixel_values"].shape == (2, 3, 28, 28)
 
 
 def test_unreadable_truncated_or_missing_files_raise_naming_the_file(tmp_path):
@@ -333,7 +359,7 @@ def test_trol_clip_preprocessing_matches_bicubic_resize_then_255_scale_normalisa
     image = noise_image(width, height, seed=width)
     pixels = trol_clip_image_processor(490)(image, return_tensors="np")["pixel_values"][0]
     resized = np.asarray(image.resize((490, 490), PIL.Image.BICUBIC)).astype(np.float64)  # uint8 -> uint8, HWC
-    expected = (resized - 255 * np.array(OPENAI_CLIP_MEAN)) / (255 * np.array(OPENAI_CLIP_STD))
+    expected = (resized - 255 * np.array(CLIP_MEAN)) / (255 * np.array(CLIP_STD))
     np.testing.assert_allclose(pixels.transpose(1, 2, 0), expected, atol=1e-5, rtol=0)
 
 
@@ -343,7 +369,7 @@ def test_trol_internvl_tiles_match_resize_crop_and_thumbnail():
     resized = image.resize((84, 56), PIL.Image.BICUBIC)
     tiles = [resized.crop((c * 28, r * 28, c * 28 + 28, r * 28 + 28)) for r in range(2) for c in range(3)]
     tiles.append(image.resize((28, 28), PIL.Image.BICUBIC))
-    expected = [(np.asarray(t) / 255.0 - IMAGENET_DEFAULT_MEAN) / IMAGENET_DEFAULT_STD for t in tiles]
+    expected = [(np.asarray(t) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD for t in tiles]
     np.testing.assert_allclose(pixels.transpose(0, 2, 3, 1), np.stack(expected), atol=1e-5, rtol=0)
 
 
@@ -352,7 +378,8 @@ def test_trol_internvl_tiles_match_resize_crop_and_thumbnail():
 # ----------------------------------------------------------------------------------------------------------------
 INTERNLM2_CHAT = (
     f"<s>[UNUSED_TOKEN_146]system\n{TROL_SYSTEM_PROMPT}[UNUSED_TOKEN_145]\n"
-    "[UNUSED_TOKEN_146]user\n<image>\nWhat is it?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nA cat.[UNUSED_TOKEN_145]\n"
+    "[UNUSED_TOKEN_146]user\n<image>\nWhat is it?[UNUSED_TOKEN_145]\n"
+    "[UNUSED_TOKEN_146]assistant\nA cat.[UNUSED_TOKEN_145]\n"
     "[UNUSED_TOKEN_146]user\nAnd?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nDone.[UNUSED_TOKEN_145]\n"
 )
 PHI3_CHAT = (
@@ -362,6 +389,11 @@ PHI3_CHAT = (
 CHATML_CHAT = (
     "<s><|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n"
     "<|im_start|>user\nAnd?<|im_end|>\n<|im_start|>assistant\nDone.<|im_end|>\n"
+)
+MARKED_TEMPLATE = (  # a tokenizer's own template that already has generation markers
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}A: {% generation %}{{ m['content'] }}</s>"
+    "{% endgeneration %}{{ '\\n' }}{% else %}U: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A: {% endif %}"
 )
 
 
@@ -406,22 +438,23 @@ def test_generic_template_falls_back_to_chatml_with_a_warning():
 
 def test_generic_template_reuses_a_tokenizer_template_that_has_generation_markers():
     tokenizer = char_tokenizer()
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'assistant' %}A: {% generation %}{{ m['content'] }}</s>"
-        "{% endgeneration %}{{ '\\n' }}{% else %}U: {{ m['content'] }}\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}A: {% endif %}"
-    )
+    tokenizer.chat_template = MARKED_TEMPLATE
     processor = TrolProcessor(trol_clip_image_processor(28), tokenizer, num_image_tokens=4)  # default: generic
     assert processor.apply_chat_template(chat()) == "U: <image>\nWhat is it?\nA: A cat.</s>\nU: And?\nA: Done.</s>\n"
 
 
 @pytest.mark.parametrize("template,end", [
     (TROL_INTERNLM2_TEMPLATE, "[UNUSED_TOKEN_145]"), (TROL_PHI3_TEMPLATE, "<|end|>"), ("chatml", "<|im_end|>"),
+    ("reused", "</s>"),
 ])
 def test_assistant_mask_covers_exactly_the_answers_and_their_end_markers(template, end):
     if template == "chatml":
         with pytest.warns(UserWarning):
             template = generic_chat_template(char_tokenizer())
+    elif template == "reused":
+        tokenizer = char_tokenizer()
+        tokenizer.chat_template = MARKED_TEMPLATE
+        template = generic_chat_template(tokenizer)
     processor = clip_processor(template)
     conversations = [chat(solid()), chat(solid(), question="Q", answers=("Yes, it is.", "No"))]
     out = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
@@ -431,6 +464,21 @@ def test_assistant_mask_covers_exactly_the_answers_and_their_end_markers(templat
         assert processor.decode(row[mask]) == f"{answers[0]}{end}{answers[1]}{end}"
         assert runs(mask.long().tolist(), 1) == [len(answers[0]) + 1, len(answers[1]) + 1]  # chars + end marker
         assert not (row[mask] == IMAGE_TOKEN).any()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch, via trl
+def test_trl_collator_trains_on_assistant_answers_only():
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    collator = DataCollatorForVisionLanguageModeling(clip_processor(), max_length=1024, assistant_only_loss=True)
+    examples = [{"images": [solid()], "messages": [{"role": "user", "content": "What is it?"},
+                                                   {"role": "assistant", "content": "A cat."}]},
+                {"images": [], "messages": [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello there"}]}]
+    batch = collator(examples)
+    assert batch["pixel_values"].shape == (1, 3, 28, 28) and (batch["input_ids"][0] == IMAGE_TOKEN).sum() == 4
+    answers = [clip_processor().decode(ids[labels != -100]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    assert answers == ["A cat.[UNUSED_TOKEN_145]", "Hello there[UNUSED_TOKEN_145]"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

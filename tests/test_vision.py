@@ -103,3 +103,9 @@ def test_internvit_tiles_are_pixel_shuffled_and_projected_with_layernorm():
 def test_downsample_ratio_must_be_one_over_an_integer():
     with pytest.raises(ValueError, match="downsample_ratio=0.3"):
         internvit_config().__class__(downsample_ratio=0.3)
+
+
+def test_siglip_with_the_cls_dropping_strategy_is_refused():
+    with pytest.raises(ValueError, match="has none .* use 'full'"):
+        TrolConfig(vision_config=VISION["siglip"](), text_config=DECODERS["llama"](), image_token_id=IMAGE_TOKEN,
+                   vision_feature_select_strategy="default")

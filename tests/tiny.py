@@ -1,12 +1,16 @@
 """Tiny random configs and inputs shared by the tests (hidden 32, 2 layers; nothing is downloaded)."""
 
+import string
+
 import torch
+from tokenizers import Tokenizer, decoders, models
 from transformers import (
     CLIPVisionConfig,
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
     SiglipVisionConfig,
@@ -22,7 +26,7 @@ TOKENS_PER_IMAGE = 4
 
 _COMMON = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+    vocab_size=VOCAB, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
 )
 
 DECODERS = {
@@ -92,3 +96,21 @@ def prompt_batch(lengths=(9, 6), images_per_prompt=1, seed: int = 0):
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as generate() derives them from a left-padded attention mask."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]", "<|system|>", "<|user|>",
+            "<|assistant|>", "<|end|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+CONTEXT = 14  # id of <IMG_CONTEXT>
+
+
+def char_tokenizer(model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """Lossless character-level tokenizer: printable ASCII + special tokens; pad 0, bos 1, eos 2, <image> 127."""
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
+    vocab["<image>"] = IMAGE_TOKEN
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIALS + ["<image>"])
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", **extra)
