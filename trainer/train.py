@@ -122,14 +122,27 @@ def prepare_stage(model: TrolForConditionalGeneration, args: TrolModelArguments)
     return peft_model
 
 
+def lazy_hf_dataset(samples) -> "datasets.Dataset":
+    """A `datasets.Dataset` (what TRL's SFTTrainer takes) over a map-style dataset of TRL rows, loaded lazily: Arrow
+    stores only the sample indices; images are read when a batch is drawn, never held for the whole mix."""
+    import datasets
+
+    def rows(batch: dict) -> dict:
+        loaded = [samples[int(i)] for i in batch["sample"]]
+        return {"messages": [row["messages"] for row in loaded], "images": [row["images"] for row in loaded]}
+
+    return datasets.Dataset.from_dict({"sample": list(range(len(samples)))}).with_transform(rows)
+
+
 def save_arguments(output_dir: str, model_args, data_args, sft_args) -> None:
     record = {"model": asdict(model_args), "data": asdict(data_args), "sft": sft_args.to_dict()}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / ARGS_FILE).write_text(json.dumps(record, indent=2, default=str))
 
 
-def train(model_args: TrolModelArguments, data_args: TrolDataArguments, sft_args) -> str:
-    """Run one stage; returns the output folder (stage 1: a full TroL folder; stage 2: LoRA adapter + processor)."""
+def train(model_args: TrolModelArguments, data_args: TrolDataArguments, sft_args, callbacks=()):
+    """Run one stage and save it to `sft_args.output_dir` (stage 1: a full TroL folder; stage 2: the LoRA adapter,
+    with the trained projector and gates, + processor). Returns the SFTTrainer."""
     from trl import SFTTrainer
 
     from .data import SkippedSamplesCallback, load_mixture
@@ -137,16 +150,17 @@ def train(model_args: TrolModelArguments, data_args: TrolDataArguments, sft_args
     model, processor = build_model_and_processor(model_args)
     model = prepare_stage(model, model_args)
     skip_log = Path(sft_args.output_dir) / "skipped_samples.jsonl"
-    dataset = load_mixture(data_args.data_config, seed=sft_args.seed, processor=processor,
+    mixture = load_mixture(data_args.data_config, seed=sft_args.seed, processor=processor,
                            max_length=sft_args.max_length, skip_log=skip_log)
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=processor,
-                         callbacks=[SkippedSamplesCallback(skip_log)])
+    sft_args.remove_unused_columns = False  # the lazy dataset's only stored column is the sample index
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=lazy_hf_dataset(mixture), processing_class=processor,
+                         callbacks=[SkippedSamplesCallback(skip_log), *callbacks])
     trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
     trainer.save_model(sft_args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(sft_args.output_dir)
         save_arguments(sft_args.output_dir, model_args, data_args, sft_args)
-    return sft_args.output_dir
+    return trainer
 
 
 __all__ = ["build_model_and_processor", "lora_target_regex", "prepare_stage", "quantization_config", "train",
