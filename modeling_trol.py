@@ -490,7 +490,15 @@ class TrolModel(TrolPreTrainedModel):
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
             inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
-        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0) \
+        elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A text-only micro-batch on one rank must still run the vision path: ZeRO-3/FSDP gather parameters
+            # collectively (a rank that skips them hangs the others) and DDP expects every trainable parameter used.
+            size = self.config.vision_config.image_size
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            dummy = inputs_embeds.new_zeros((1, self.config.vision_config.num_channels, *size))
+            inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(dummy).sum().to(inputs_embeds.dtype)
+        if pixel_values is None and input_ids is not None and (
+                past_key_values is None or past_key_values.get_seq_length() == 0) \
                 and bool((input_ids == self.config.image_token_id).any()):
             raise ValueError(
                 f"The prompt holds {int((input_ids == self.config.image_token_id).sum())} image tokens "

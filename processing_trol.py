@@ -272,7 +272,7 @@ def load_rgb_image(image: Any) -> PIL.Image.Image:
             with PIL.Image.open(path) as opened:
                 opened.load()  # decode now: truncated or corrupt files fail here, not deep inside preprocessing
                 return _pil_to_rgb(PIL.ImageOps.exif_transpose(opened))  # upright, as transformers' load_image
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
+        except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"Image file {path!r} is not a readable image ({type(error).__name__}: {error}). It may "
                              "be truncated or corrupt: re-download or re-encode it, or drop this sample.") from error
     if isinstance(image, PIL.Image.Image):

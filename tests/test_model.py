@@ -264,3 +264,21 @@ def test_a_sequence_longer_than_the_decoder_context_is_refused():
         model(input_ids=torch.randint(3, 100, (1, 1025)))
     with pytest.raises(ValueError, match=r"1025 tokens \(1024 cached \+ 1 new\)"):
         model.generate(input_ids=torch.randint(3, 100, (1, 1020)), max_new_tokens=10, min_new_tokens=10)
+
+
+def test_text_only_training_batch_still_runs_the_vision_path_when_distributed(tmp_path):
+    """ZeRO-3/FSDP gather parameters collectively: a rank whose micro-batch has no image must still use them."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = tiny_model("llama").train()
+        ids, mask, _ = prompt_batch((7, 5), images_per_prompt=0)
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grad = model.model.multi_modal_projector.linear_1.weight.grad
+        assert grad is not None and torch.count_nonzero(grad) == 0  # used, with a zero contribution
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, out.logits)
+    finally:
+        dist.destroy_process_group()

@@ -122,18 +122,6 @@ def prepare_stage(model: TrolForConditionalGeneration, args: TrolModelArguments)
     return peft_model
 
 
-def lazy_hf_dataset(samples) -> "datasets.Dataset":
-    """A `datasets.Dataset` (what TRL's SFTTrainer takes) over a map-style dataset of TRL rows, loaded lazily: Arrow
-    stores only the sample indices; images are read when a batch is drawn, never held for the whole mix."""
-    import datasets
-
-    def rows(batch: dict) -> dict:
-        loaded = [samples[int(i)] for i in batch["sample"]]
-        return {"messages": [row["messages"] for row in loaded], "images": [row["images"] for row in loaded]}
-
-    return datasets.Dataset.from_dict({"sample": list(range(len(samples)))}).with_transform(rows)
-
-
 def save_arguments(output_dir: str, model_args, data_args, sft_args) -> None:
     record = {"model": asdict(model_args), "data": asdict(data_args), "sft": sft_args.to_dict()}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -152,8 +140,7 @@ def train(model_args: TrolModelArguments, data_args: TrolDataArguments, sft_args
     skip_log = Path(sft_args.output_dir) / "skipped_samples.jsonl"
     mixture = load_mixture(data_args.data_config, seed=sft_args.seed, processor=processor,
                            max_length=sft_args.max_length, skip_log=skip_log)
-    sft_args.remove_unused_columns = False  # the lazy dataset's only stored column is the sample index
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=lazy_hf_dataset(mixture), processing_class=processor,
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=mixture.as_hf_dataset(), processing_class=processor,
                          callbacks=[SkippedSamplesCallback(skip_log), *callbacks])
     trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
     trainer.save_model(sft_args.output_dir)
