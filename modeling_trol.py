@@ -388,12 +388,18 @@ class TrolModel(TrolPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    @property
+    def image_input_shape(self) -> tuple[int, int, int]:
+        """(C, height, width) of one image or tile that the vision tower takes."""
+        size = self.config.vision_config.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return (self.config.vision_config.num_channels, *size)
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n_images, C, S, S) -> projected features (n_images, n_tokens, H)."""
         vision_config = self.config.vision_config
-        size = vision_config.image_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        expected = (vision_config.num_channels, *size)
+        expected = self.image_input_shape
+        size = expected[1:]
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)}, expected (n_images, {', '.join(map(str, expected))}) "
@@ -493,9 +499,7 @@ class TrolModel(TrolPreTrainedModel):
         elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
             # A text-only micro-batch on one rank must still run the vision path: ZeRO-3/FSDP gather parameters
             # collectively (a rank that skips them hangs the others) and DDP expects every trainable parameter used.
-            size = self.config.vision_config.image_size
-            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-            dummy = inputs_embeds.new_zeros((1, self.config.vision_config.num_channels, *size))
+            dummy = inputs_embeds.new_zeros((1, *self.image_input_shape))
             inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(dummy).sum().to(inputs_embeds.dtype)
         if pixel_values is None and input_ids is not None and (
                 past_key_values is None or past_key_values.get_seq_length() == 0) \
