@@ -25,7 +25,7 @@ def merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out)
     processor_dir = adapter_dir if (Path(adapter_dir) / "processor_config.json").exists() else base
-    TrolProcessor.from_pretrained(processor_dir).save_pretrained(out)
+    TrolProcessor.from_pretrained(processor_dir, config=model.config).save_pretrained(out)  # no remote-code prompt
     if (Path(adapter_dir) / ARGS_FILE).exists():
         (out / ARGS_FILE).write_text((Path(adapter_dir) / ARGS_FILE).read_text())
     return str(out)

@@ -5,6 +5,7 @@ Stage 2: projector + gates + LoRA (rank 64, alpha 64) on every linear layer of t
 with double quantization (default), 8-bit, or unquantized; the vision tower stays frozen.
 """
 
+import functools
 import json
 import re
 from dataclasses import asdict
@@ -32,7 +33,7 @@ def build_model_and_processor(args: TrolModelArguments) -> tuple[TrolForConditio
         if args.stage == 2 and args.quantization != "none":
             load_kwargs["quantization_config"] = quantization_config(args.quantization, dtype)
         model = TrolForConditionalGeneration.from_pretrained(args.model_name_or_path, **load_kwargs)
-        processor = TrolProcessor.from_pretrained(args.model_name_or_path)
+        processor = TrolProcessor.from_pretrained(args.model_name_or_path, config=model.config)
     else:
         model, processor = _from_parts(args, dtype)
     if processor.image_token_id != model.config.image_token_id:
@@ -142,6 +143,10 @@ def train(model_args: TrolModelArguments, data_args: TrolDataArguments, sft_args
                            max_length=sft_args.max_length, skip_log=skip_log)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=mixture.as_hf_dataset(), processing_class=processor,
                          callbacks=[SkippedSamplesCallback(skip_log), *callbacks])
+    if model_args.stage == 2 and model_args.quantization != "none":
+        # TRL casts QLoRA's trainable parameters to bf16; Trainer's resume (PeftModel.load_adapter) would upcast LoRA
+        # back to fp32 and a resumed run would drift from an uninterrupted one.
+        trainer.model.load_adapter = functools.partial(trainer.model.load_adapter, autocast_adapter_dtype=False)
     trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
     trainer.save_model(sft_args.output_dir)
     if trainer.is_world_process_zero():
