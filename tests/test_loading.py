@@ -200,7 +200,7 @@ def test_flash_attention_2_is_declared_and_fails_clearly_without_flash_attn(tmp_
         with pytest.raises((ImportError, ValueError), match="(?i)flash"):
             TrolForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
     else:  # pragma: no cover - GPU machines
-        pytest.skip("flash-attn is installed: exercised by the GPU check in the README")
+        pytest.skip("flash-attn is installed: exercised on CUDA by bench/gpu_check.py")
 
 
 class _TokenizerForStreaming:

@@ -1,0 +1,92 @@
+"""GPU checks that the CPU test suite cannot make: bf16 on CUDA, flash_attention_2, 4-bit NF4 on CUDA, and a
+device map over several GPUs (each gate next to its layer). Run on a CUDA machine:
+
+    pip install -e ".[test]" && pip install flash-attn --no-build-isolation   # flash-attn optional
+    python bench/gpu_check.py
+
+Prints one line per check and exits non-zero if any check fails. Tiny random models, nothing is downloaded.
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny import position_ids_from, prompt_batch, tiny_model  # noqa: E402
+from transformers import BitsAndBytesConfig  # noqa: E402
+
+from trol import TrolForConditionalGeneration  # noqa: E402
+
+RESULTS: list[tuple[str, bool, str]] = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    RESULTS.append((name, bool(ok), detail))
+    print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}", flush=True)
+
+
+def cached_equals_uncached(model, ids, mask, pixels) -> float:
+    """Max |logit difference| between cached greedy decoding and one no-cache forward with a prompt-only mask."""
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5,
+                         do_sample=False, return_dict_in_generate=True, output_logits=True)
+    n_new = out.sequences.shape[1] - ids.shape[1]
+    attention = torch.cat([mask, torch.ones(mask.shape[0], n_new, dtype=mask.dtype, device=mask.device)], 1)
+    traversal = torch.cat([mask.bool(), torch.zeros(mask.shape[0], n_new, dtype=torch.bool, device=mask.device)], 1)
+    reference = model(input_ids=out.sequences, attention_mask=attention, position_ids=position_ids_from(attention),
+                      pixel_values=pixels, traversal_mask=traversal, use_cache=False).logits[:, ids.shape[1] - 1:-1]
+    return (torch.stack(out.logits, 1).float() - reference.float()).abs().max().item()
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    ids, mask, pixels = (t.cuda() for t in prompt_batch((9, 6)))
+    folder = Path(tempfile.mkdtemp()) / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    reference = TrolForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    expected = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    real = mask.bool()
+
+    implementations = ["eager", "sdpa"]
+    try:
+        import flash_attn  # noqa: F401
+
+        implementations.append("flash_attention_2")
+    except ImportError:
+        check("flash_attention_2", False, "flash-attn is not installed (pip install -e '.[flash]')")
+    for implementation in implementations:
+        model = TrolForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16,
+                                                             attn_implementation=implementation).cuda().eval()
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        error = (logits.float()[real] - expected[real]).abs().max().item()
+        check(f"bf16 {implementation}: logits vs fp32", error < 0.1, f"max|d|={error:.3g}")
+        error = cached_equals_uncached(model, ids, mask, pixels)
+        check(f"bf16 {implementation}: cached == uncached (question mode)", error < 0.1, f"max|d|={error:.3g}")
+
+    q4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = TrolForConditionalGeneration.from_pretrained(folder, quantization_config=q4, device_map="cuda:0").eval()
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    error = (logits.float()[real] - expected[real]).abs().mean().item()
+    check("4-bit NF4 on CUDA: logits close to fp32", error < 0.2, f"mean|d|={error:.3g}")
+    generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, num_beams=5)
+    check("4-bit NF4 on CUDA: 5-beam generate", generated.shape[1] == ids.shape[1] + 4)
+
+    if torch.cuda.device_count() > 1:
+        model = TrolForConditionalGeneration.from_pretrained(folder, device_map="auto", dtype=torch.float32).eval()
+        placed = all(g.weight.device == next(layer.parameters()).device
+                     for g, layer in zip(model.model.trol_gates, model.model.language_model.layers))
+        check("device_map=auto over GPUs: each gate with its layer", placed, str(model.hf_device_map))
+        logits = model(input_ids=ids.cpu(), attention_mask=mask.cpu(), pixel_values=pixels.cpu()).logits
+        error = (logits.float().cpu()[real.cpu()] - expected.cpu()[real.cpu()]).abs().max().item()
+        check("device_map=auto over GPUs: logits", error < 1e-4, f"max|d|={error:.3g}")
+    else:
+        print("SKIP  device_map over several GPUs (one GPU)")
+    return 0 if all(ok for _, ok, _ in RESULTS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
