@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from tiny import DECODERS, VISION, char_tokenizer
+from tiny import DECODERS, VISION, char_tokenizer, prompt_batch, tiny_model
 from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
 
 pytest.importorskip("trl")
@@ -17,7 +17,7 @@ pytest.importorskip("bitsandbytes")
 
 from trl import SFTConfig  # noqa: E402
 
-from trol import trol_clip_image_processor  # noqa: E402
+from trol import TrolProcessor, trol_clip_image_processor  # noqa: E402
 from trol.trainer import TrolDataArguments, TrolModelArguments  # noqa: E402
 from trol.trainer.train import train  # noqa: E402
 
@@ -131,3 +131,27 @@ def test_stage1_stage2_merge_and_load(workspace, capsys):
                                            return_tensors="pt")
     out = merged.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4 or out[0, -1] == merged.generation_config.eos_token_id
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "none"])
+def test_stage2_other_quantizations_train_lora_projector_and_gates_only(workspace, tmp_path, quantization):
+    from trol.trainer.train import build_model_and_processor, prepare_stage
+
+    stage1 = tmp_path / "stage1"
+    model = tiny_model("llama")
+    model.save_pretrained(stage1)
+    TrolProcessor(trol_clip_image_processor(28), char_tokenizer(), num_image_tokens=4).save_pretrained(stage1)
+    args = TrolModelArguments(stage=2, model_name_or_path=str(stage1), quantization=quantization, lora_r=4,
+                              lora_alpha=4, dtype="float32")
+    model, processor = build_model_and_processor(args)
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
+    assert bool(quantized) == (quantization == "8bit")
+    peft_model = prepare_stage(model, args).train()
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    ids, mask, pixels = prompt_batch((9, 9))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert any("lora_" in n for n in changed) and any("trol_gates.1.modules_to_save" in n for n in changed)
+    assert all("lora_" in n or ".modules_to_save." in n for n in changed)
