@@ -436,9 +436,8 @@ class TrolModel(TrolPreTrainedModel):
         features = image_features.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
         return inputs_embeds.masked_scatter(image_mask[..., None].to(inputs_embeds.device), features)
 
-    def _check_context_length(self, length: int, past_key_values: Cache | None) -> None:
+    def _check_context_length(self, length: int, past: int) -> None:
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         if limit is not None and past + length > limit:
             raise ValueError(
                 f"The sequence is {past + length} tokens ({past} cached + {length} new), more than the decoder's "
@@ -446,7 +445,7 @@ class TrolModel(TrolPreTrainedModel):
                 "(the processor never truncates through image tokens), or lower max_new_tokens."
             )
 
-    def traversal_state(self, inputs_embeds, attention_mask, past_key_values, traversal_mask):
+    def traversal_state(self, inputs_embeds, attention_mask, past_length: int, traversal_mask):
         """Resolve which tokens of this call traverse (TROL.md section 2.3); None when none does."""
         batch, length = inputs_embeds.shape[:2]
         if traversal_mask is not None:
@@ -461,8 +460,7 @@ class TrolModel(TrolPreTrainedModel):
                 traverse = self.config.training_traversal == "all"
             else:
                 mode = self.config.inference_traversal
-                cached = past_key_values is not None and int(past_key_values.get_seq_length()) > 0
-                traverse = mode == "question_answer" or (mode == "question" and not cached)
+                traverse = mode == "question_answer" or (mode == "question" and past_length == 0)
             if not traverse:
                 return None
             if attention_mask is not None and attention_mask.ndim == 2:
@@ -492,6 +490,7 @@ class TrolModel(TrolPreTrainedModel):
             raise ValueError(f"Give exactly one of input_ids or inputs_embeds ({given} was given).")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         image_features = None
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
@@ -501,15 +500,14 @@ class TrolModel(TrolPreTrainedModel):
             # collectively (a rank that skips them hangs the others) and DDP expects every trainable parameter used.
             dummy = inputs_embeds.new_zeros((1, *self.image_input_shape))
             inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(dummy).sum().to(inputs_embeds.dtype)
-        if pixel_values is None and input_ids is not None and (
-                past_key_values is None or past_key_values.get_seq_length() == 0) \
+        if pixel_values is None and input_ids is not None and past == 0 \
                 and bool((input_ids == self.config.image_token_id).any()):
             raise ValueError(
                 f"The prompt holds {int((input_ids == self.config.image_token_id).sum())} image tokens "
                 f"(id {self.config.image_token_id}) but no pixel_values were given."
             )
-        self._check_context_length(inputs_embeds.shape[1], past_key_values)
-        state = self.traversal_state(inputs_embeds, attention_mask, past_key_values, traversal_mask)
+        self._check_context_length(inputs_embeds.shape[1], past)
+        state = self.traversal_state(inputs_embeds, attention_mask, past, traversal_mask)
         kwargs["return_dict"] = True
         if state is not None:
             kwargs[TRAVERSAL_KWARG] = state
