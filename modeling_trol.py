@@ -18,7 +18,7 @@ Where this departs from the paper or the authors' code, and why:
   of the backbone's, and works for DynamicCache (sliding-window layers too) and StaticCache.
 - Mask rule: training and calls on an empty cache traverse every (non-padding) token; calls on a non-empty cache
   traverse according to `config.inference_traversal`. `generate()` carries the prompt's mask so that generation
-  means the same thing with and without a cache (generated tokens never traverse in `question` mode). Padding
+  from a fresh prompt means the same thing with and without a cache (generated tokens never traverse in `question` mode). Padding
   tokens never traverse (the original traversed them; it only changed padding outputs).
 - Gates are per layer by default (the paper); the released checkpoints share one gate (`share_gates=True`).
   A fresh gate starts at a small mixing ratio (`gate_init_mixing_ratio`), not at PyTorch's random init.
@@ -114,10 +114,10 @@ class _CacheLayerGuard:
         replicate = getattr(cache, "layer_class_to_replicate", None)
         while len(layers) <= layer_idx and replicate is not None:  # DynamicCache() without config grows lazily
             layers.append(replicate())
-        self.layer = layers[layer_idx]
+        self.cache, self.layer = cache, layers[layer_idx]
         self.in_place = bool(getattr(self.layer, "is_compileable", False))
         self.slot_copy = self.in_place and type(self.layer).update is StaticLayer.update
-        if self.slot_copy:
+        if self.slot_copy:  # a 0-d device tensor (no host sync), or 0 before the layer exists
             self.before = self.layer.cumulative_length.clone() if self.layer.is_initialized else 0
         else:
             self.before = self._snapshot()
@@ -137,24 +137,24 @@ class _CacheLayerGuard:
             else:
                 self.layer.__dict__[key] = value
 
-    def swap_in_before(self) -> None:
+    def swap_in_before(self, n_tokens: int) -> None:
+        """Called between the passes; n_tokens: the chunk length (K/V entries pass 1 wrote)."""
+        if getattr(self.cache, "offloading", False):
+            self.layer.prefetch()  # Cache.update offloaded the layer after pass 1; pass 2 updates it on-device
         if self.slot_copy:
             layer = self.layer
-            start = int(self.before)
-            self.slots = torch.arange(start, int(layer.cumulative_length), device=layer.keys.device)
-            self.after = (layer.keys.index_select(2, self.slots), layer.values.index_select(2, self.slots),
-                          layer.cumulative_length.clone())
-            layer.cumulative_length.fill_(start)
+            self.slots = self.before + torch.arange(n_tokens, device=layer.keys.device)
+            self.after = (layer.keys.index_select(2, self.slots), layer.values.index_select(2, self.slots))
+            layer.cumulative_length.sub_(n_tokens)  # back to `before`; pass 2 advances it by n_tokens again
         else:
             self.after = self._snapshot()
             self._restore(self.before)
 
     def restore_after(self) -> None:
         if self.slot_copy:
-            keys, values, length = self.after
+            keys, values = self.after
             self.layer.keys.index_copy_(2, self.slots, keys)
             self.layer.values.index_copy_(2, self.slots, values)
-            self.layer.cumulative_length.copy_(length)
         else:
             self._restore(self.after)
 
@@ -211,7 +211,7 @@ class TrolLayerForward:
         h1 = out1[0] if isinstance(out1, tuple) else out1
         w = state.gate(self.layer_idx)(h1)  # (B, q, 1)
         if guard is not None:
-            guard.swap_in_before()
+            guard.swap_in_before(h1.shape[1])
         with _outputs_not_recorded():
             out2 = forward(self.layer, h1, *args, **kwargs)
         if guard is not None:
@@ -437,7 +437,11 @@ class TrolModel(TrolPreTrainedModel):
         return inputs_embeds.masked_scatter(image_mask[..., None].to(inputs_embeds.device), features)
 
     def _check_context_length(self, length: int, past: int) -> None:
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        text_config = self.config.text_config
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            return  # a scaled RoPE (YaRN, dynamic, ...) supports more than max_position_embeddings
+        limit = getattr(text_config, "max_position_embeddings", None)
         if limit is not None and past + length > limit:
             raise ValueError(
                 f"The sequence is {past + length} tokens ({past} cached + {length} new), more than the decoder's "
@@ -651,6 +655,13 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
                 )
             traversal_mask = traversal_mask.to(prompt.device, torch.bool)
         return super().generate(inputs, generation_config, traversal_mask=traversal_mask, **kwargs)
+
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 *args, **kwargs):
+        # An assistant (draft) model gets the generation kwargs too: the traversal mask is this model's own business.
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "traversal_mask"}
+        return super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
+                                                model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
                                       attention_mask=None, inputs_embeds=None, is_first_iteration=False,

@@ -155,3 +155,17 @@ def test_stage2_other_quantizations_train_lora_projector_and_gates_only(workspac
     changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert any("lora_" in n for n in changed) and any("trol_gates.1.modules_to_save" in n for n in changed)
     assert all("lora_" in n or ".modules_to_save." in n for n in changed)
+
+
+def test_bf16_recipe_trains_projector_and_gates_in_fp32(workspace, tmp_path):
+    """In bf16 an AdamW step of ~1e-4 on a gate bias of ~-1.1 rounds to nothing: TroL's modules must stay fp32."""
+    snapshot = Snapshot()
+    model_args = TrolModelArguments(stage=1, vision_model=str(workspace / "vision"),
+                                    language_model=str(workspace / "text"), dtype="bfloat16")
+    data_args = TrolDataArguments(data_config=str(workspace / "mix.yaml"))
+    trainer = train(model_args, data_args, sft_config(tmp_path / "bf16", learning_rate=1e-4), callbacks=[snapshot])
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert trainer.model.model.language_model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    for i in range(2):
+        assert not torch.equal(snapshot.before[f"model.trol_gates.{i}.bias"], snapshot.after[f"model.trol_gates.{i}.bias"])

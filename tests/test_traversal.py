@@ -256,3 +256,14 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids_and_pixels():
     from_ids = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,
                               do_sample=False)
     assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("draft", ["trol", "plain_llm"])
+def test_assisted_generation_with_a_draft_model_equals_greedy(draft):
+    """The traversal mask is not handed to the draft model (a plain LLM would refuse it, a TroL one mis-size it)."""
+    model = tiny_model("llama")
+    ids, mask = text_prompt((9,))
+    assistant = tiny_model("llama", seed=1) if draft == "trol" else \
+        AutoModelForCausalLM.from_config(model.config.text_config).eval()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(assistant_model=assistant, **kwargs), model.generate(**kwargs))
