@@ -18,8 +18,8 @@ Where this departs from the paper or the authors' code, and why:
   of the backbone's, and works for DynamicCache (sliding-window layers too) and StaticCache.
 - Mask rule: training and calls on an empty cache traverse every (non-padding) token; calls on a non-empty cache
   traverse according to `config.inference_traversal`. `generate()` carries the prompt's mask so that generation
-  from a fresh prompt means the same thing with and without a cache (generated tokens never traverse in `question` mode). Padding
-  tokens never traverse (the original traversed them; it only changed padding outputs).
+  from a fresh prompt means the same thing with and without a cache (generated tokens never traverse in `question`
+  mode). Padding tokens never traverse (the original traversed them; it only changed padding outputs).
 - Gates are per layer by default (the paper); the released checkpoints share one gate (`share_gates=True`).
   A fresh gate starts at a small mixing ratio (`gate_init_mixing_ratio`), not at PyTorch's random init.
 - With gradient checkpointing the whole TroL layer (both passes + mixer) is one checkpoint: activation memory per
