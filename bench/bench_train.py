@@ -37,6 +37,7 @@ two passes are recomputed at a time, so the increase should be small. Paper, Tab
 import argparse, gc, json, os, platform, statistics, subprocess, sys, time, types
 
 import torch
+from machine import cpu_snapshot, other_cpus  # bench/machine.py (the script's folder is on sys.path)
 import transformers
 from transformers import CLIPVisionConfig, LlamaConfig
 
@@ -168,22 +169,6 @@ def run_mem(ckpt, trav, argv):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--_mem", f"{int(ckpt)},{int(trav)}"],
                          capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_snapshot():
-    """(CPU-seconds busy on the whole machine incl. steal, CPU-seconds of this process, wall seconds)."""
-    try:
-        f = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-        busy = (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        busy = float("nan")
-    t = os.times()
-    return busy, t.user + t.system, time.perf_counter()
-
-
-def other_cpus(s0, s1) -> float:
-    """Mean number of CPUs used by other processes (or stolen) between two snapshots."""
-    return max(0.0, (s1[0] - s0[0]) - (s1[1] - s0[1])) / (s1[2] - s0[2])
 
 
 def name(ckpt):

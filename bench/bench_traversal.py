@@ -16,6 +16,7 @@ loops is printed: torch's OpenMP threads stall when one is preempted, so a busy 
 import argparse, copy, gc, hashlib, json, os, platform, resource, statistics, subprocess, sys, time
 
 import torch
+from machine import cpu_snapshot, other_cpus  # bench/machine.py (the script's folder is on sys.path)
 import transformers
 from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -69,22 +70,6 @@ def sha1(cls) -> str:  # which version of the (concurrently edited) modeling fil
 
 def timed(fn):
     t0 = time.perf_counter(); fn(); return time.perf_counter() - t0  # noqa: E702
-
-
-def cpu_snapshot():
-    """(CPU-seconds busy on the whole machine incl. steal, CPU-seconds of this process, wall seconds)."""
-    try:
-        f = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-        busy = (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    except (OSError, ValueError):
-        busy = float("nan")
-    t = os.times()
-    return busy, t.user + t.system, time.perf_counter()
-
-
-def other_cpus(s0, s1) -> float:
-    """Mean number of CPUs used by other processes (or stolen by the hypervisor) between two snapshots."""
-    return max(0.0, (s1[0] - s0[0]) - (s1[1] - s0[1])) / (s1[2] - s0[2])
 
 
 def peak_rss_mib() -> float:
