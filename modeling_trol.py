@@ -707,7 +707,8 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
         vision_config = vision if isinstance(vision, PreTrainedConfig) else AutoConfig.from_pretrained(vision)
         vision_config = getattr(vision_config, "vision_config", None) or vision_config  # full CLIP/SigLIP configs
         text_config = text if isinstance(text, PreTrainedConfig) else AutoConfig.from_pretrained(text)
-        text_config = text_config.get_text_config(decoder=True)
+        text_config = copy.deepcopy(text_config.get_text_config(decoder=True))  # the caller's config stays untouched
+        vision_config = copy.deepcopy(vision_config)
         language_model, vision_tower = None, None
         if not isinstance(text, PreTrainedConfig):
             language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)

@@ -204,6 +204,12 @@ def test_from_vision_and_text_loads_pretrained_parts_and_adds_an_image_token(tmp
     torch.testing.assert_close(model.model.trol_gates[0].bias, torch.tensor([math.atanh(2 * 0.1 - 1)]))
 
 
+def test_from_vision_and_text_leaves_the_callers_configs_untouched():
+    vision, text = VISION["clip"](), DECODERS["qwen2"]()
+    model = TrolForConditionalGeneration.from_vision_and_text(vision, text)  # appends an image token row
+    assert model.config.text_config.vocab_size == 129 and text.vocab_size == 128
+
+
 def test_from_vision_and_text_with_configs_and_an_existing_image_token():
     model = TrolForConditionalGeneration.from_vision_and_text(VISION["clip"](), DECODERS["qwen2"](),
                                                               image_token_id=IMAGE_TOKEN)

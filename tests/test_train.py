@@ -8,8 +8,8 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from tiny import DECODERS, VISION, char_tokenizer, prompt_batch, tiny_model
-from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
+from tiny import char_tokenizer, prompt_batch, save_pretrained_parts, tiny_model
+from transformers import TrainerCallback
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -29,11 +29,7 @@ def workspace(tmp_path_factory):
     """Pretrained-looking vision and language folders, and a LLaVA-format dataset: 3 image samples (one image
     missing on disk) and one text-only sample."""
     root = tmp_path_factory.mktemp("recipe")
-    torch.manual_seed(0)
-    AutoModel.from_config(VISION["clip"]()).save_pretrained(root / "vision")
-    trol_clip_image_processor(28).save_pretrained(root / "vision")
-    AutoModelForCausalLM.from_config(DECODERS["llama"]()).save_pretrained(root / "text")
-    char_tokenizer().save_pretrained(root / "text")
+    save_pretrained_parts(root)
     images = root / "images"
     images.mkdir()
     for name, color in [("red.png", (220, 20, 20)), ("blue.png", (20, 20, 220))]:

@@ -22,15 +22,14 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from tiny import DECODERS, VISION, char_tokenizer
-from transformers import AutoModel, AutoModelForCausalLM, TrainerCallback
+from tiny import save_pretrained_parts
+from transformers import TrainerCallback
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
 from test_train import Snapshot, sft_config  # noqa: E402  (the CPU SFTConfig and the parameter snapshot)
 
-from trol import trol_clip_image_processor  # noqa: E402
 from trol.trainer import TrolDataArguments, TrolModelArguments  # noqa: E402
 from trol.trainer.train import train  # noqa: E402
 
@@ -48,11 +47,7 @@ def workspace(tmp_path_factory):
     colours and sizes, 4 text-only), every sample with a different answer, so that the batch order shows in the
     trained weights."""
     root = tmp_path_factory.mktemp("resume")
-    torch.manual_seed(0)
-    AutoModel.from_config(VISION["clip"]()).save_pretrained(root / "vision")
-    trol_clip_image_processor(28).save_pretrained(root / "vision")
-    AutoModelForCausalLM.from_config(DECODERS["llama"]()).save_pretrained(root / "text")
-    char_tokenizer().save_pretrained(root / "text")
+    save_pretrained_parts(root)
     images = root / "images"
     images.mkdir()
     samples = []

@@ -32,7 +32,6 @@ from trol.trainer.data import (
     ADAPTERS,
     ParquetImage,
     SkippedSamplesCallback,
-    TrolMixtureDataset,
     get_adapter,
     load_mixture,
     skip_summary,

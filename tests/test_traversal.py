@@ -4,7 +4,7 @@ cached generation == uncached forward, first-pass-only KV cache, question-only t
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import DECODERS, IMAGE_TOKEN, VISION, position_ids_from, prompt_batch, tiny_model
+from tiny import DECODERS, IMAGE_TOKEN, position_ids_from, prompt_batch, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 DECODER_NAMES = list(DECODERS)

@@ -5,6 +5,8 @@ import string
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
     CLIPVisionConfig,
     Gemma2Config,
     LlamaConfig,
@@ -16,7 +18,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from trol import TrolConfig, TrolForConditionalGeneration
+from trol import TrolConfig, TrolForConditionalGeneration, trol_clip_image_processor
 
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1
@@ -114,3 +116,13 @@ def char_tokenizer(model_max_length: int | None = None) -> PreTrainedTokenizerFa
     extra = {} if model_max_length is None else {"model_max_length": model_max_length}
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", **extra)
+
+
+def save_pretrained_parts(root) -> None:
+    """What stage 1 starts from, as if downloaded: root/vision (tiny CLIP + its image processor) and root/text (tiny
+    Llama + a tokenizer that knows <image>), with fixed seeds."""
+    torch.manual_seed(0)
+    AutoModel.from_config(VISION["clip"]()).save_pretrained(root / "vision")
+    trol_clip_image_processor(IMAGE_SIZE).save_pretrained(root / "vision")
+    AutoModelForCausalLM.from_config(DECODERS["llama"]()).save_pretrained(root / "text")
+    char_tokenizer().save_pretrained(root / "text")
