@@ -12,6 +12,7 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 INFERENCE_TRAVERSAL_MODES = ("question", "question_answer", "none")
 TRAINING_TRAVERSAL_MODES = ("all", "none")
 VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+DEFAULT_IMAGE_TOKEN_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class TrolConfig(PreTrainedConfig):
@@ -63,6 +64,18 @@ class TrolConfig(PreTrainedConfig):
         training_traversal (`"all"` or `"none"`):
             Which tokens traverse in training mode. `"all"` (the paper and the original code): every non-padding
             token. `"none"`: no token (an ablation; the gates then receive no gradient).
+        image_token_lora_rank (`int`):
+            Rank of the image-token LoRA ("partial LoRA" of InternLM-XComposer2, which TroL-1.8B/7B carry): a low-rank
+            delta `scale * B(A(x))` added to the output of each targeted decoder projection at image-token positions
+            only, in both propagations; text tokens see the plain projection. 0 (default): no image-token LoRA.
+        image_token_lora_alpha (`float` or `None`):
+            The delta is scaled by alpha / rank; `None` means alpha = rank (scale 1.0, as in TroL-1.8B/7B).
+        image_token_lora_dropout (`float`):
+            Dropout on the LoRA input in training mode (the original used 0.05 in training; no effect at inference).
+        image_token_lora_targets (`list[str]`):
+            Names of the projections inside each decoder layer that get an image-token LoRA, matched against the last
+            component of the module name (`q_proj` matches `self_attn.q_proj`). Default: every attention and MLP
+            projection of the Llama family.
     """
 
     model_type = "trol"
@@ -99,6 +112,10 @@ class TrolConfig(PreTrainedConfig):
     inference_traversal: Literal["question", "question_answer", "none"] = "question"
     training_traversal: Literal["all", "none"] = "all"
     tie_word_embeddings: bool = False
+    image_token_lora_rank: int = 0
+    image_token_lora_alpha: float | None = None
+    image_token_lora_dropout: float = 0.0
+    image_token_lora_targets: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -135,6 +152,13 @@ class TrolConfig(PreTrainedConfig):
             )
         if self.gate_init_std < 0:
             raise ValueError(f"TrolConfig.gate_init_std={self.gate_init_std} must be >= 0.")
+        if self.image_token_lora_rank < 0 or not 0.0 <= self.image_token_lora_dropout < 1.0:
+            raise ValueError(
+                f"TrolConfig.image_token_lora_rank={self.image_token_lora_rank} must be >= 0 (0 = off) and "
+                f"image_token_lora_dropout={self.image_token_lora_dropout} in [0, 1)."
+            )
+        if self.image_token_lora_targets is None:
+            self.image_token_lora_targets = list(DEFAULT_IMAGE_TOKEN_LORA_TARGETS)
 
     @property
     def image_grid(self) -> int:
@@ -153,6 +177,12 @@ class TrolConfig(PreTrainedConfig):
         keeps_cls = self.vision_feature_select_strategy == "full" and not self.vision_config.model_type.startswith(
             "siglip")
         return side * side + int(keeps_cls)
+
+    @property
+    def image_token_lora_scale(self) -> float:
+        """alpha / rank of the image-token LoRA."""
+        alpha = self.image_token_lora_alpha if self.image_token_lora_alpha is not None else self.image_token_lora_rank
+        return alpha / self.image_token_lora_rank if self.image_token_lora_rank else 0.0
 
     @property
     def num_gates(self) -> int:

@@ -25,11 +25,15 @@ Where this departs from the paper or the authors' code, and why:
 - With gradient checkpointing the whole TroL layer (both passes + mixer) is one checkpoint: activation memory per
   layer is the backbone's, recomputation costs the two passes once more.
 - No hard-coded devices, dtypes, quantization or flash-attn imports: all come from `from_pretrained` options.
+- The image-token LoRA of TroL-1.8B/7B (InternLM-XComposer2's "partial LoRA") is a general config option
+  (`image_token_lora_rank`), added by forward hooks on the backbone's own projections instead of a vendored
+  InternLM2 model; it acts at image-token positions in both propagations, exactly as the original.
 """
 
 import copy
 import math
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -87,10 +91,14 @@ class TraversalState:
     """Per-call traversal state handed to the decoder layers.
 
     gates: the model's gate ModuleList (looked up at call time: PEFT may have wrapped its entries).
-    mask: (B, q) bool, True where a token traverses; None means every token of the chunk traverses."""
+    mask: (B, q) bool, True where a token traverses; None means every token of the chunk traverses.
+    traverse: False when no token of the call traverses (the state then only carries `image_mask`).
+    image_mask: (B, q) bool, True at image tokens, for the image-token LoRA; None when the call has no image."""
 
     gates: nn.ModuleList
     mask: torch.Tensor | None = None
+    traverse: bool = True
+    image_mask: torch.Tensor | None = None
 
     def gate(self, layer_idx: int) -> nn.Module:
         return self.gates[layer_idx if len(self.gates) > 1 else 0]
@@ -172,6 +180,83 @@ def _outputs_not_recorded():
             del collected[key][n:]
 
 
+_IMAGE_TOKEN_MASK: ContextVar[torch.Tensor | None] = ContextVar("trol_image_token_mask", default=None)
+"""(B, q) image-token mask of the decoder layer running now; set by `TrolLayerForward` around its passes (inside
+the checkpointed function, so recomputation sees it too), read by the image-token LoRA hooks."""
+
+
+class ImageTokenLoRA(nn.Module):
+    """delta(x) = scale * B(A(x)) for one decoder projection (in_features -> out_features), added to that
+    projection's output at image-token positions only (`config.image_token_lora_rank`).
+
+    Plain parameters, not nn.Linear, so quantizers leave them alone. Shapes: lora_A (r, in), lora_B (out, r)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.lora_A.device, self.lora_A.dtype))
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+
+class _ImageTokenLoRAHook:
+    """Forward hook on a decoder projection: output + delta(input) where the current image-token mask is True.
+    A picklable object holding its LoRA module (deepcopy maps the reference to the copied module)."""
+
+    def __init__(self, lora: ImageTokenLoRA):
+        self.lora = lora
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        mask = _IMAGE_TOKEN_MASK.get()
+        if mask is None:
+            return None
+        delta = self.lora(args[0]).to(output.device, output.dtype)
+        return torch.where(mask.to(output.device)[..., None], output + delta, output)
+
+
+def _projection(layer: nn.Module, target: str) -> nn.Module:
+    found = [module for name, module in layer.named_modules() if name.rsplit(".", 1)[-1] == target]
+    if len(found) != 1:
+        raise ValueError(
+            f"image_token_lora_targets names {target!r}, which matches {len(found)} modules in a "
+            f"{type(layer).__name__}; give names that match exactly one projection per decoder layer."
+        )
+    return found[0]
+
+
+def image_token_lora_modules(config: TrolConfig, language_model: nn.Module) -> nn.ModuleList:
+    """One ModuleDict {target: ImageTokenLoRA} per decoder layer, sized from the projections it serves."""
+    rank, scale = config.image_token_lora_rank, config.image_token_lora_scale
+    per_layer = []
+    for layer in decoder_layers(language_model):
+        loras = {}
+        for target in config.image_token_lora_targets:
+            projection = _projection(layer, target)
+            loras[target] = ImageTokenLoRA(projection.in_features, projection.out_features, rank, scale,
+                                           config.image_token_lora_dropout)
+        per_layer.append(nn.ModuleDict(loras))
+    return nn.ModuleList(per_layer)
+
+
+def install_image_token_lora(model: nn.Module) -> None:
+    """Hook each image-token LoRA onto its projection (idempotent). Run again after a quantizer replaced the
+    projections; a projection wrapped later (PEFT) keeps the hook on its base layer."""
+    base = getattr(model, "model", model)
+    loras = getattr(base, "image_token_lora", None)
+    if loras is None:
+        return
+    for layer, layer_loras in zip(decoder_layers(base.language_model), loras):
+        for target, lora in layer_loras.items():
+            projection = _projection(layer, target)
+            if not any(isinstance(hook, _ImageTokenLoRAHook)
+                       for module in projection.modules() for hook in module._forward_hooks.values()):
+                projection.register_forward_hook(_ImageTokenLoRAHook(lora))
+
+
 class TrolLayerForward:
     """Replaces `forward` on one decoder-layer instance. Without a `TraversalState` in the kwargs it is exactly the
     layer's own forward; with one, it runs the two propagations and the TroL-Mixer.
@@ -205,6 +290,15 @@ class TrolLayerForward:
         return self.traverse(forward, state, hidden_states, *args, **kwargs)
 
     def traverse(self, forward, state: TraversalState, hidden_states: torch.Tensor, *args, **kwargs):
+        token = _IMAGE_TOKEN_MASK.set(state.image_mask)
+        try:
+            if not state.traverse:  # only the image-token LoRA is active in this call
+                return forward(self.layer, hidden_states, *args, **kwargs)
+            return self._two_passes(forward, state, hidden_states, *args, **kwargs)
+        finally:
+            _IMAGE_TOKEN_MASK.reset(token)
+
+    def _two_passes(self, forward, state: TraversalState, hidden_states: torch.Tensor, *args, **kwargs):
         cache = kwargs.get("past_key_values")
         guard = _CacheLayerGuard(cache, self.layer_idx) if cache is not None else None
         out1 = forward(self.layer, hidden_states, *args, **kwargs)
@@ -239,16 +333,19 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
 
 
 def colocate_gates(model: nn.Module) -> None:
-    """Put each gate on the device of the decoder layer it serves (after a device map spread the model). A gate is
-    two tiny tensors; `TrolGate.forward` moves its input/output anyway, this only avoids the round trip."""
+    """Put each gate (and image-token LoRA) on the device of the decoder layer it serves, after a device map spread
+    the model. They are small; their forwards move inputs/outputs anyway, this only avoids the round trips."""
     base = getattr(model, "model", model)
     layers, gates = decoder_layers(base.language_model), base.trol_gates
-    if len(gates) != len(layers):
-        return  # one shared gate serves every layer: it stays where the device map put it
-    for gate, layer in zip(gates, layers):
+    per_layer = list(gates) if len(gates) == len(layers) else []  # one shared gate stays where the map put it
+    loras = getattr(base, "image_token_lora", None)
+    for i, layer in enumerate(layers):
         device = next(layer.parameters()).device
-        if device.type != "meta" and gate.weight.device != device:
-            gate.to(device)
+        if device.type == "meta":
+            continue
+        for module in ([per_layer[i]] if per_layer else []) + ([loras[i]] if loras is not None else []):
+            if next(module.parameters()).device != device:
+                module.to(device)
 
 
 def install_traversal(language_model: nn.Module) -> None:
@@ -345,6 +442,7 @@ class TrolPreTrainedModel(PreTrainedModel):
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
         model = super().from_pretrained(*args, **kwargs)
+        install_image_token_lora(model)  # a quantizer may have replaced the hooked projections
         if getattr(model, "hf_device_map", None):
             colocate_gates(model)
         return model
@@ -357,6 +455,9 @@ class TrolPreTrainedModel(PreTrainedModel):
             else:
                 init.zeros_(module.weight)
             init.constant_(module.bias, math.atanh(2 * ratio - 1))
+        elif isinstance(module, ImageTokenLoRA):  # as PEFT: A random, B zero, so a fresh LoRA adds nothing
+            init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+            init.zeros_(module.lora_B)
         elif isinstance(module, nn.Linear) and any(module is m for m in self._projector_linears()):
             init.normal_(module.weight, 0.0, getattr(self.config.text_config, "initializer_range", 0.02))
             if module.bias is not None:
@@ -379,7 +480,10 @@ class TrolModel(TrolPreTrainedModel):
         self.multi_modal_projector = TrolMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.trol_gates = nn.ModuleList(TrolGate(config.text_config.hidden_size) for _ in range(config.num_gates))
+        if config.image_token_lora_rank > 0:
+            self.image_token_lora = image_token_lora_modules(config, self.language_model)
         install_traversal(self.language_model)
+        install_image_token_lora(self)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -418,7 +522,8 @@ class TrolModel(TrolPreTrainedModel):
         weight = self.multi_modal_projector.linear_1.weight
         return self.multi_modal_projector(features.to(weight.dtype if weight.is_floating_point() else features.dtype))
 
-    def _merge_image_features(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
+    def _merge_image_features(self, input_ids, inputs_embeds, image_features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scatter the image features into the image-token positions -> (inputs_embeds, image mask (B, q))."""
         if input_ids is None:
             image_embed = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
@@ -434,7 +539,8 @@ class TrolModel(TrolPreTrainedModel):
                 f"expanded to {per_image} image tokens, one placeholder per image (the processor does this)."
             )
         features = image_features.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
-        return inputs_embeds.masked_scatter(image_mask[..., None].to(inputs_embeds.device), features)
+        image_mask = image_mask.to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(image_mask[..., None], features), image_mask
 
     def _check_context_length(self, length: int, past: int) -> None:
         text_config = self.config.text_config
@@ -449,8 +555,18 @@ class TrolModel(TrolPreTrainedModel):
                 "(the processor never truncates through image tokens), or lower max_new_tokens."
             )
 
-    def traversal_state(self, inputs_embeds, attention_mask, past_length: int, traversal_mask):
-        """Resolve which tokens of this call traverse (TROL.md section 2.3); None when none does."""
+    def traversal_state(self, inputs_embeds, attention_mask, past_length: int, traversal_mask, image_mask=None):
+        """Resolve which tokens of this call traverse (TROL.md section 2.3). None when none does and no image-token
+        LoRA needs `image_mask` (B, q)."""
+        state = self._traversal_state(inputs_embeds, attention_mask, past_length, traversal_mask)
+        if image_mask is None or not hasattr(self, "image_token_lora"):
+            return state
+        if state is None:
+            return TraversalState(self.trol_gates, traverse=False, image_mask=image_mask)
+        state.image_mask = image_mask
+        return state
+
+    def _traversal_state(self, inputs_embeds, attention_mask, past_length: int, traversal_mask):
         batch, length = inputs_embeds.shape[:2]
         if traversal_mask is not None:
             if tuple(traversal_mask.shape) != (batch, length):
@@ -495,10 +611,10 @@ class TrolModel(TrolPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
-        image_features = None
+        image_features = image_mask = None
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
-            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+            inputs_embeds, image_mask = self._merge_image_features(input_ids, inputs_embeds, image_features)
         elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
             # A text-only micro-batch on one rank must still run the vision path: ZeRO-3/FSDP gather parameters
             # collectively (a rank that skips them hangs the others) and DDP expects every trainable parameter used.
@@ -511,7 +627,7 @@ class TrolModel(TrolPreTrainedModel):
                 f"(id {self.config.image_token_id}) but no pixel_values were given."
             )
         self._check_context_length(inputs_embeds.shape[1], past)
-        state = self.traversal_state(inputs_embeds, attention_mask, past, traversal_mask)
+        state = self.traversal_state(inputs_embeds, attention_mask, past, traversal_mask, image_mask)
         kwargs["return_dict"] = True
         if state is not None:
             kwargs[TRAVERSAL_KWARG] = state
@@ -829,11 +945,13 @@ TrolModel.register_for_auto_class("AutoModel")
 TrolForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
+    "ImageTokenLoRA",
+    "TraversalState",
     "TrolForConditionalGeneration",
-    "TrolModel",
-    "TrolPreTrainedModel",
     "TrolGate",
     "TrolLayerForward",
-    "TraversalState",
+    "TrolModel",
+    "TrolPreTrainedModel",
+    "install_image_token_lora",
     "install_traversal",
 ]
