@@ -9,22 +9,39 @@ Prints one line per check and exits non-zero if any check fails. Tiny random mod
 
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import position_ids_from, prompt_batch, tiny_model  # noqa: E402
-from transformers import BitsAndBytesConfig  # noqa: E402
-
-from trol import TrolForConditionalGeneration  # noqa: E402
+from tiny import position_ids_from, prompt_batch, tiny_model
+from transformers import BitsAndBytesConfig
+from trol import TrolForConditionalGeneration
 
 RESULTS: list[tuple[str, bool, str]] = []
+_LAST = [time.perf_counter()]
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
+    """One result line; [..s] is the wall time since the previous line (GPU work is synchronised before it)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    now = time.perf_counter()
+    detail = f"{detail}  [{now - _LAST[0]:.2f}s]".strip()
+    _LAST[0] = now
     RESULTS.append((name, bool(ok), detail))
     print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}", flush=True)
+
+
+def guarded(name: str, fn) -> None:
+    """Run one section; an exception is one FAIL line (with its traceback) instead of ending the whole run."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc()
+        check(name, False, f"raised {type(error).__name__}: {error}")
 
 
 def cached_equals_uncached(model, ids, mask, pixels) -> float:
@@ -57,7 +74,8 @@ def main() -> int:
         implementations.append("flash_attention_2")
     except ImportError:
         check("flash_attention_2", False, "flash-attn is not installed (pip install -e '.[flash]')")
-    for implementation in implementations:
+
+    def bf16(implementation):
         model = TrolForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16,
                                                              attn_implementation=implementation).cuda().eval()
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
@@ -66,6 +84,15 @@ def main() -> int:
         error = cached_equals_uncached(model, ids, mask, pixels)
         check(f"bf16 {implementation}: cached == uncached (question mode)", error < 0.1, f"max|d|={error:.3g}")
 
+    for implementation in implementations:
+        guarded(f"bf16 {implementation}", lambda impl=implementation: bf16(impl))
+    guarded("4-bit NF4 on CUDA", lambda: nf4(folder, ids, mask, pixels, expected, real))
+    guarded("device_map cuda:0 + cpu offload", lambda: offload(folder, ids, mask, pixels, expected, real))
+    guarded("device_map=auto over GPUs", lambda: several_gpus(folder, ids, mask, pixels, expected, real))
+    return 0 if all(ok for _, ok, _ in RESULTS) else 1
+
+
+def nf4(folder, ids, mask, pixels, expected, real):
     q4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)
     model = TrolForConditionalGeneration.from_pretrained(folder, quantization_config=q4, device_map="cuda:0").eval()
@@ -75,6 +102,23 @@ def main() -> int:
     generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, num_beams=5)
     check("4-bit NF4 on CUDA: 5-beam generate", generated.shape[1] == ids.shape[1] + 4)
 
+
+def offload(folder, ids, mask, pixels, expected, real):
+    """One-GPU stand-in for a spread model: decoder layer 1 (and its gate) offloaded to CPU through accelerate's hooks
+    (weights stream to cuda:0 per call), everything else on cuda:0; fp32, so logits must match the fp32 reference."""
+    device_map = {"model.vision_tower": 0, "model.multi_modal_projector": 0, "model.language_model.embed_tokens": 0,
+                  "model.language_model.layers.0": 0, "model.language_model.layers.1": "cpu",
+                  "model.language_model.norm": 0, "model.language_model.rotary_emb": 0, "model.trol_gates.0": 0,
+                  "model.trol_gates.1": "cpu", "lm_head": 0}
+    model = TrolForConditionalGeneration.from_pretrained(folder, device_map=device_map, dtype=torch.float32).eval()
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    error = (logits.float()[real] - expected[real]).abs().max().item()
+    check("device_map cuda:0 + cpu offload: logits", error < 1e-4, f"max|d|={error:.3g}")
+    error = cached_equals_uncached(model, ids, mask, pixels)
+    check("device_map cuda:0 + cpu offload: cached == uncached", error < 1e-4, f"max|d|={error:.3g}")
+
+
+def several_gpus(folder, ids, mask, pixels, expected, real):
     if torch.cuda.device_count() > 1:
         model = TrolForConditionalGeneration.from_pretrained(folder, device_map="auto", dtype=torch.float32).eval()
         placed = all(g.weight.device == next(layer.parameters()).device
@@ -85,7 +129,6 @@ def main() -> int:
         check("device_map=auto over GPUs: logits", error < 1e-4, f"max|d|={error:.3g}")
     else:
         print("SKIP  device_map over several GPUs (one GPU)")
-    return 0 if all(ok for _, ok, _ in RESULTS) else 1
 
 
 if __name__ == "__main__":
