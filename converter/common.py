@@ -21,10 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..hub_upload import REMOTE_CODE  # one list of the remote-code files a TroL folder carries
+
 logger = logging.getLogger(__name__)
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-REMOTE_CODE = ("configuration_trol.py", "modeling_trol.py", "processing_trol.py")
 CONVERSION_FILE = "trol_conversion.json"  # the contract with hub_upload.py (source_repo, source_revision, license)
 GATING_FILE = "trol_gating.pt"
 
@@ -86,6 +87,9 @@ class CheckpointSource:
             raise ConversionError(f"No model.safetensors or model.safetensors.index.json in {self.src}.{hint}")
         self.taken: set[str] = set()
         self._handles: dict[Path, object] = {}
+        self._left: dict[Path, set[str]] = {}  # per file, the names not yet taken: a finished file is unmapped
+        for name, path in self.files.items():
+            self._left.setdefault(path, set()).add(name)
 
     def keys(self) -> list[str]:
         return list(self.files)
@@ -103,12 +107,19 @@ class CheckpointSource:
 
     def take(self, name: str) -> torch.Tensor:
         tensor = self._handle(self.files[self._known(name)]).get_tensor(name)
-        self.taken.add(name)
+        self._mark(name)
         return tensor
 
     def skip(self, name: str) -> None:
         """Mark a tensor as deliberately not converted (e.g. a buffer the target recomputes)."""
-        self.taken.add(self._known(name))
+        self._mark(self._known(name))
+
+    def _mark(self, name: str) -> None:
+        self.taken.add(name)
+        left = self._left[self.files[name]]
+        left.discard(name)
+        if not left:  # release the memory map, so the file's pages stop counting against this process
+            self._handles.pop(self.files[name], None)
 
     def _known(self, name: str) -> str:
         if name not in self.files:

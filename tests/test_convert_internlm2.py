@@ -365,3 +365,12 @@ def test_cli_converts_and_detects_the_architecture(original, tmp_path, capsys):
     assert code == 0 and "trust_remote_code=True" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["share_gates"] is True
+
+
+def test_converted_folder_publishes_as_a_release_that_loads_in_a_clean_process(converted, tmp_path):
+    from trol.hub_upload import publish
+
+    release = publish(converted, "someone/TroL-tiny", dry_run=True, output=tmp_path / "release")
+    assert release.validation["model_class"] == "TrolForConditionalGeneration" and release.validation["new_tokens"]
+    card = release.card.content
+    assert "BK-Lee/TroL-1.8B" in card and "apache-2.0" in card
