@@ -76,6 +76,20 @@ class TrolConfig(PreTrainedConfig):
             Names of the projections inside each decoder layer that get an image-token LoRA, matched against the last
             component of the module name (`q_proj` matches `self_attn.q_proj`). Default: every attention and MLP
             projection of the Llama family.
+        compression_layer (`int` or `None`):
+            Visual context compression (LLaVolta, Chen et al., NeurIPS 2024): at the input of this decoder layer K the
+            image tokens of each image (or tile) are average-pooled in groups of `compression_stride`, and layers
+            K..N-1 (both propagations of each) run on the shorter sequence; text tokens are untouched. 0 or -1: before
+            the first layer; K >= number of layers: nothing is compressed; `None` (default): off. Training schedules
+            (`trol-train --compression_schedule`) set it per stage. Outputs keep the input's length.
+        compression_stride (`int`):
+            Group size S of the visual context compression (>= 1; 1 pools nothing). An image's ragged last group is
+            averaged over its real size.
+        compression_at_inference (`bool`):
+            Also compress in eval mode (forward and generate: the prefill is compressed, decoding continues at the
+            next real position). `False` (default): compression acts in training mode only. A model trained with
+            compression until the end should infer with it (LLaVolta's "heavy"), one whose schedule ends uncompressed
+            ("4stage") without.
     """
 
     model_type = "trol"
@@ -116,6 +130,9 @@ class TrolConfig(PreTrainedConfig):
     image_token_lora_alpha: float | None = None
     image_token_lora_dropout: float = 0.0
     image_token_lora_targets: list[str] | None = None
+    compression_layer: int | None = None
+    compression_stride: int = 8
+    compression_at_inference: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -156,6 +173,19 @@ class TrolConfig(PreTrainedConfig):
             raise ValueError(
                 f"TrolConfig.image_token_lora_rank={self.image_token_lora_rank} must be >= 0 (0 = off) and "
                 f"image_token_lora_dropout={self.image_token_lora_dropout} in [0, 1)."
+            )
+        if self.compression_layer is not None and (isinstance(self.compression_layer, bool)
+                                                   or not isinstance(self.compression_layer, int)
+                                                   or self.compression_layer < -1):
+            raise ValueError(
+                f"TrolConfig.compression_layer={self.compression_layer!r} must be a decoder layer index >= -1 "
+                "(0 or -1: compress before the first layer) or None (no compression)."
+            )
+        if isinstance(self.compression_stride, bool) or not isinstance(self.compression_stride, int) \
+                or self.compression_stride < 1:
+            raise ValueError(
+                f"TrolConfig.compression_stride={self.compression_stride!r} must be an integer >= 1 (LLaVolta: 8 or 2; "
+                "1 pools nothing)."
             )
         if self.image_token_lora_targets is None:
             self.image_token_lora_targets = list(DEFAULT_IMAGE_TOKEN_LORA_TARGETS)

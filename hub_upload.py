@@ -62,7 +62,7 @@ from trol.modeling_trol import AUTO_MAP, TrolForConditionalGeneration
 from trol.processing_trol import TrolProcessor
 from trol.trainer.train import ARGS_FILE
 
-REMOTE_CODE = ("configuration_trol.py", "modeling_trol.py", "processing_trol.py")
+REMOTE_CODE = ("configuration_trol.py", "modeling_trol.py", "compression_trol.py", "processing_trol.py")
 REPO_DIR = Path(modeling_trol.__file__).resolve().parent  # the code that loads the weights is the code that ships
 CONVERSION_FILE = "trol_conversion.json"
 TAGS = ["trol", "custom_code", "vision-language", "image-text-to-text"]

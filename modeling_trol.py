@@ -28,6 +28,9 @@ Where this departs from the paper or the authors' code, and why:
 - The image-token LoRA of TroL-1.8B/7B (InternLM-XComposer2's "partial LoRA") is a general config option
   (`image_token_lora_rank`), added by forward hooks on the backbone's own projections instead of a vendored
   InternLM2 model; it acts at image-token positions in both propagations, exactly as the original.
+- Not in the paper: visual context compression (LLaVolta, `compression_layer`/`compression_stride`), which pools the
+  image tokens at the input of layer K so that both propagations of every later layer run on a shorter sequence. It
+  rides the same path as the traversal (a `CompressionPlan` in the `TraversalState`); see compression_trol.py.
 """
 
 import copy
@@ -49,6 +52,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
+from .compression_trol import CompressionPlan, cache_record, first_compressed_layer, plan_compression, seen_tokens
 from .configuration_trol import TrolConfig
 
 try:  # private: lets the second propagation stay out of `output_attentions` & co.
@@ -92,13 +96,15 @@ class TraversalState:
 
     gates: the model's gate ModuleList (looked up at call time: PEFT may have wrapped its entries).
     mask: (B, q) bool, True where a token traverses; None means every token of the chunk traverses.
-    traverse: False when no token of the call traverses (the state then only carries `image_mask`).
-    image_mask: (B, q) bool, True at image tokens, for the image-token LoRA; None when the call has no image."""
+    traverse: False when no token of the call traverses (the state then only carries `image_mask`/`compression`).
+    image_mask: (B, q) bool, True at image tokens, for the image-token LoRA; None when the call has no image.
+    compression: how layers >= K run on the compressed sequence (visual context compression); None when off."""
 
     gates: nn.ModuleList
     mask: torch.Tensor | None = None
     traverse: bool = True
     image_mask: torch.Tensor | None = None
+    compression: CompressionPlan | None = None
 
     def gate(self, layer_idx: int) -> nn.Module:
         return self.gates[layer_idx if len(self.gates) > 1 else 0]
@@ -276,6 +282,16 @@ class TrolLayerForward:
             hidden_states, args = args[0], args[1:]
         else:
             hidden_states = kwargs.pop("hidden_states")
+        plan = state.compression
+        if plan is not None and self.layer_idx >= plan.layer:
+            if args:
+                raise TypeError(
+                    f"Visual context compression substitutes the mask and positions the decoder passes to layer "
+                    f"{self.layer_idx}, but {type(self.layer).__name__} receives them positionally; it supports "
+                    "decoders whose layer loop passes them as keywords (Llama, Qwen, Mistral, Phi3, Gemma families)."
+                )
+            # pooled once at layer K (outside any checkpoint: recomputation reuses the pooled input)
+            hidden_states, kwargs, state = plan.enter(self.layer_idx, hidden_states, kwargs)
         layer = self.layer
         if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing and layer.training:
             # One checkpoint around both passes + mixer; the class forward's own per-pass checkpointing is bypassed.
@@ -610,7 +626,7 @@ class TrolModel(TrolPreTrainedModel):
             raise ValueError(f"Give exactly one of input_ids or inputs_embeds ({given} was given).")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+        past = seen_tokens(past_key_values)  # at full length, also when layers >= K hold a compressed sequence
         image_features = image_mask = None
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
@@ -628,6 +644,13 @@ class TrolModel(TrolPreTrainedModel):
             )
         self._check_context_length(inputs_embeds.shape[1], past)
         state = self.traversal_state(inputs_embeds, attention_mask, past, traversal_mask, image_mask)
+        per_image = image_features.shape[1] if image_features is not None else None
+        plan, position_ids = self.compression_plan(inputs_embeds, attention_mask, position_ids, past_key_values, past,
+                                                   image_mask, per_image)
+        if plan is not None:
+            state = state if state is not None else TraversalState(self.trol_gates, traverse=False)
+            plan.compress_state(state)
+            state.compression = plan
         kwargs["return_dict"] = True
         if state is not None:
             kwargs[TRAVERSAL_KWARG] = state
@@ -639,13 +662,51 @@ class TrolModel(TrolPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+        last_hidden_state, hidden_states = outputs.last_hidden_state, outputs.hidden_states
+        if plan is not None:  # back to the caller's length: labels and losses outside the model stay aligned
+            last_hidden_state = plan.expand(last_hidden_state)
+            hidden_states = plan.expand_hidden_states(hidden_states)
+            plan.record(outputs.past_key_values)
         return TrolModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
+            last_hidden_state=last_hidden_state,
             past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
         )
+
+    def compression_plan(self, inputs_embeds, attention_mask, position_ids, past_key_values, past: int, image_mask,
+                         tokens_per_image: int | None) -> tuple[CompressionPlan | None, torch.Tensor | None]:
+        """Visual context compression for this call (compression_trol.py), or None, and the position ids to give the
+        decoder (explicit whenever compression is involved, so that pooled and unpooled layers agree on them).
+
+        The call pools its image tokens when compression is on for the mode (training, or `compression_at_inference`)
+        and it holds images; a cache whose layers >= K already hold a compressed sequence needs a plan for every later
+        call (their masks differ from layer 0's) whatever the mode."""
+        config = self.config
+        record = cache_record(past_key_values)
+        layer = None
+        if self.training or config.compression_at_inference:
+            layer = first_compressed_layer(config.compression_layer, config.text_config.num_hidden_layers)
+        pool = layer is not None and image_mask is not None and bool(image_mask.any())
+        if record is not None:
+            if pool and layer != record.layer:
+                raise ValueError(
+                    f"The cache holds a sequence compressed from layer {record.layer} on, but the model now compresses "
+                    f"from layer {layer}: use a fresh cache after changing compression_layer."
+                )
+            layer = record.layer
+        elif not pool:
+            return None, position_ids
+        if position_ids is None:  # what the decoder would use, at full length
+            batch, length = inputs_embeds.shape[:2]
+            position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, length)
+        plan = plan_compression(
+            self.language_model, layer=layer, stride=config.compression_stride, tokens_per_image=tokens_per_image,
+            pool=pool, image_mask=image_mask, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values,
+        )
+        return plan, position_ids
 
 
 class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
@@ -793,11 +854,15 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
             chunk = model_inputs.get("input_ids")
             length = (chunk if chunk is not None else model_inputs["inputs_embeds"]).shape[1]
             cache = model_inputs.get("past_key_values")
-            start = int(cache.get_seq_length()) if cache is not None and kwargs.get("use_cache", True) else 0
+            start = seen_tokens(cache) if kwargs.get("use_cache", True) else 0
             n_generated = max(start + length - traversal_mask.shape[1], 0)
             decoded = self.config.inference_traversal == "question_answer"
             generated = torch.full((traversal_mask.shape[0], n_generated), decoded, device=traversal_mask.device)
             model_inputs["traversal_mask"] = torch.cat([traversal_mask, generated], dim=1)[:, start:start + length]
+        compresses = self.config.compression_layer is not None and self.config.compression_at_inference
+        if compresses and attention_mask is not None and attention_mask.ndim == 2:
+            # compressed layers rebuild their masks from the 2-D padding mask (a static cache would get a 4-D one)
+            model_inputs["attention_mask"] = attention_mask
         return model_inputs
 
     # -- construction from a vision model and a language model (what stage 1 starts from) -----------------------
