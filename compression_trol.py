@@ -6,8 +6,8 @@ image (or tile) are average-pooled in groups of S (`config.compression_stride`);
 K..N-1 (both TroL propagations of each) then run on the shorter sequence. Everything the decoder loop hands those
 layers is substituted once per call: the attention masks (rebuilt with transformers' own `create_causal_mask` /
 `create_sliding_window_causal_mask` from a 2-D padding mask of the compressed sequence, so eager, sdpa and
-flash-attention all work), `position_ids` and `position_embeddings` (recomputed by the decoder's rotary embedding from
-the pooled positions). After the last layer `TrolModel.forward` expands the output back to the caller's length.
+flash-attention all work) and `position_embeddings` (recomputed by the decoder's rotary embedding from the pooled
+positions; `position_ids` becomes None, see `CompressionPlan.enter`). After the last layer `TrolModel.forward` expands the output back to the caller's length.
 
 Semantics (where this departs from the LLaVolta code, and why):
 - A group never spans two images or two tiles: images are cut at multiples of `config.image_seq_length` image tokens
@@ -193,7 +193,9 @@ class CompressionPlan:
             kwargs["attention_mask"] = self.masks[kind]
         if self.position_embeddings is not None:
             if "position_ids" in kwargs:
-                kwargs["position_ids"] = self.position_ids
+                # Layers read positions from `position_embeddings`; `position_ids` only reaches the attention function,
+                # where flash-attention would take the gaps of pooled positions for packed sequences.
+                kwargs["position_ids"] = None
             if "position_embeddings" in kwargs:
                 kwargs["position_embeddings"] = self.position_embeddings[kind]
         return hidden_states, kwargs, self.state

@@ -812,6 +812,13 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
 
         traversal_mask (B, prompt_len) bool: which prompt tokens traverse; default: every non-padding prompt token
         (none in `inference_traversal="none"` mode). Generated tokens traverse only in `question_answer` mode."""
+        record = cache_record(kwargs.get("past_key_values"))
+        if record is not None and record.layer == 0:
+            raise ValueError(
+                "This cache holds a sequence compressed from layer 0 on, so no cache layer holds the full-length "
+                "sequence that generate() measures when it continues from a cache. Continue with compression_layer >= 1, "
+                "or generate from the whole conversation with a fresh cache."
+            )
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if prompt is None:
             prompt = kwargs.get("inputs_embeds")

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from tiny import DECODERS, IMAGE_SIZE, IMAGE_TOKEN, PAD, TOKENS_PER_IMAGE, position_ids_from, tiny_model
 from transformers import DynamicCache
-
 from trol.compression_trol import CACHE_RECORD, compression_groups, plan_compression
 
 
@@ -109,7 +108,7 @@ def test_stride_one_or_layer_beyond_the_decoder_equals_no_compression_exactly(de
     tokens' logits are bit-identical; padding positions' outputs are zero instead of the backbone's don't-care."""
     model = tiny_model(decoder)
     ids, mask, pixels = mixed_batch()
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     reference = model(**inputs).logits
     layer, stride = (1, 1) if setting == "stride_1" else (model.config.text_config.num_hidden_layers, 8)
     logits = compressed(model, layer, stride)(**inputs).logits
@@ -124,7 +123,7 @@ def test_image_token_lora_and_compression_with_stride_one_equal_no_compression_e
             for lora in loras.values():
                 lora.lora_B.normal_()
     ids, mask, pixels = mixed_batch()
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     reference, real = model(**inputs).logits, mask.bool()
     torch.testing.assert_close(compressed(model, 0, 1)(**inputs).logits[real], reference[real], rtol=0, atol=0)
     assert (compressed(model, 0, 2)(**inputs).logits[real] - reference[real]).abs().max() > 1e-4
@@ -198,7 +197,7 @@ def test_left_padded_batch_with_different_image_counts_equals_each_prompt_alone(
     rows = ((1, 2, 3), (2, 1, 2), (0, 3, 4))
     model = compressed(tiny_model("llama"), layer=1, stride=3)
     ids, mask, pixels = mixed_batch(rows)
-    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
     batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
     for row in range(len(rows)):
         real = mask[row].bool()
@@ -213,8 +212,8 @@ def test_left_padded_batch_with_different_image_counts_equals_each_prompt_alone(
 def test_beam_search_with_compression_means_the_same_with_and_without_cache(decoder):
     model = compressed(tiny_model(decoder), layer=1, stride=2)
     ids, mask, pixels = mixed_batch(((1, 2, 3), (1, 1, 2)))
-    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6, do_sample=False,
-                  num_beams=3)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "max_new_tokens": 6, "do_sample": False,
+                  "num_beams": 3}
     assert torch.equal(model.generate(**kwargs), model.generate(use_cache=False, **kwargs))
 
 
@@ -241,7 +240,7 @@ def test_hand_driven_decoding_loop_on_a_compressed_cache_needs_nothing_extra():
 def test_eager_and_sdpa_agree_with_compression(padding):
     model = compressed(tiny_model("llama"), layer=1, stride=3)
     ids, mask, pixels = mixed_batch(padding=padding)
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     outputs = {}
     for implementation in ("eager", "sdpa"):
         model.set_attn_implementation(implementation)
@@ -254,7 +253,7 @@ def test_eager_and_sdpa_agree_with_compression(padding):
 def test_compression_is_off_in_eval_mode_unless_asked_for_inference():
     model = tiny_model("llama")
     ids, mask, pixels = mixed_batch()
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     plain = model(**inputs).logits
     compressed(model, layer=1, stride=3, at_inference=False)
     torch.testing.assert_close(model(**inputs).logits, plain, rtol=0, atol=0)
