@@ -79,7 +79,7 @@ class CheckpointSource:
         elif (self.src / "model.safetensors").exists():
             path = self.src / "model.safetensors"
             with safe_open(path, "pt") as handle:
-                self.files = {name: path for name in handle}
+                self.files = {name: path for name in handle.keys()}  # noqa: SIM118 (not iterable)
         else:
             pickles = sorted(p.name for p in self.src.glob("*.bin"))
             hint = (f" It holds pickled weights ({', '.join(pickles)}); convert them to safetensors first "

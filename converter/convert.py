@@ -69,7 +69,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, arch: str | None 
         from safetensors import safe_open
 
         with safe_open(out / first, "pt") as handle:
-            dtypes = {handle.get_slice(k).get_dtype() for k in handle}
+            dtypes = {handle.get_slice(k).get_dtype() for k in handle.keys()}  # noqa: SIM118 (not iterable)
         dtype = torch.bfloat16 if "BF16" in dtypes else torch.float16 if "F16" in dtypes else torch.float32
     config.dtype = dtype
     from ..modeling_trol import AUTO_MAP

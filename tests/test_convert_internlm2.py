@@ -358,13 +358,22 @@ def test_bad_sources_are_refused_with_the_fix(original, tmp_path):
     assert convert_main([str(src), str(not_empty)]) == 2  # the CLI prints the error and exits 2
 
 
-def test_cli_converts_and_detects_the_architecture(original, tmp_path, capsys):
-    src = original[0]
-    code = convert_main([str(src), str(tmp_path / "out"), "--vision-num-attention-heads", str(VHEADS),
-                         "--dtype", "bfloat16"])
+def test_cli_converts_a_single_file_source_and_keeps_its_dtype(original, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = tmp_path / "single"  # the same release with one model.safetensors instead of shards + index
+    shutil.copytree(original[0], src, ignore=shutil.ignore_patterns("model-*", "*.index.json"))
+    state = {}
+    for file in sorted(original[0].glob("model-*.safetensors")):
+        state.update(load_file(file))
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    code = convert_main([str(src), str(tmp_path / "out"), "--vision-num-attention-heads", str(VHEADS)])
     assert code == 0 and "trust_remote_code=True" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["dtype"] == "bfloat16" and config["share_gates"] is True
+    assert config["dtype"] == "bfloat16" and config["share_gates"] is True  # the source's dtype, no --dtype given
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_converted_folder_publishes_as_a_release_that_loads_in_a_clean_process(converted, tmp_path):
