@@ -37,6 +37,15 @@ class TrolModelArguments:
         "help": "Weights dtype for the unquantized parts: bfloat16, float16 or float32 (CPU tests)."})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "eager, sdpa or flash_attention_2 (default: transformers' choice)."})
+    compression_schedule: str | None = field(default=None, metadata={
+        "help": "Visual context compression (LLaVolta) while training: 4stage (layer 2/stride 8, layer 2/stride 2, "
+                "layer 16/stride 2, none; quarters of the run), heavy (layer 2/stride 8 throughout), light (layer "
+                "16/stride 8 throughout), none, or stages 'start:layer:stride,...' with start a fraction of the run "
+                "(e.g. '0:2:8,0.5:none'); in YAML also a list of [start, layer, stride]. Default: the model's own "
+                "compression_layer/compression_stride, unchanged."})
+    compression_at_inference: bool | None = field(default=None, metadata={
+        "help": "Whether the trained model also compresses at inference (default: when the schedule's last stage "
+                "compresses, as heavy/light; 4stage ends uncompressed)."})
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -55,6 +64,13 @@ class TrolModelArguments:
             raise ValueError("Give either --model_name_or_path or --vision_model/--language_model, not both.")
         if self.stage == 2 and self.model_name_or_path is None:
             raise ValueError("Stage 2 starts from the stage-1 output: pass --model_name_or_path STAGE1_FOLDER.")
+        if self.compression_schedule is not None:
+            from .compression import parse_schedule
+
+            parse_schedule(self.compression_schedule)  # fail at parse time, not after the model loaded
+        elif self.compression_at_inference is not None:
+            raise ValueError("--compression_at_inference applies to a --compression_schedule; give one (or set the "
+                             "model config's compression_at_inference).")
 
 
 @dataclass

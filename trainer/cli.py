@@ -8,6 +8,8 @@
         --output_dir out/stage2
     # release folder (full precision, LoRA folded in)
     trol-train merge out/stage2 --output out/release
+    # LLaVolta's staged visual context compression (faster training): the *_4stage.yaml / *_heavy.yaml recipes, or
+    trol-train --config trainer/recipes/stage1.yaml --compression_schedule 4stage ...
     # several GPUs: accelerate launch --config_file trainer/accelerate/ddp.yaml -m trol.trainer --config ...
 
 Every SFTConfig field (learning_rate, per_device_train_batch_size, report_to, resume_from_checkpoint, ...) can be

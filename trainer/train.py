@@ -3,6 +3,7 @@
 Stage 1: projector + every gate train; vision tower and LLM are frozen (checked, not assumed).
 Stage 2: projector + gates + LoRA (rank 64, alpha 64) on every linear layer of the LLM, which is loaded 4-bit NF4
 with double quantization (default), 8-bit, or unquantized; the vision tower stays frozen.
+Either stage can train with staged visual context compression (LLaVolta, `--compression_schedule`, trainer/compression.py).
 """
 
 import functools
@@ -143,6 +144,7 @@ def train(model_args: TrolModelArguments, data_args: TrolDataArguments, sft_args
     with the trained projector and gates, + processor). Returns the SFTTrainer."""
     from trl import SFTTrainer
 
+    from .compression import CompressionScheduleCallback
     from .data import SkippedSamplesCallback, load_mixture
 
     model, processor = build_model_and_processor(model_args)
@@ -150,8 +152,12 @@ def train(model_args: TrolModelArguments, data_args: TrolDataArguments, sft_args
     skip_log = Path(sft_args.output_dir) / "skipped_samples.jsonl"
     mixture = load_mixture(data_args.data_config, seed=sft_args.seed, processor=processor,
                            max_length=sft_args.max_length, skip_log=skip_log)
+    callbacks = [SkippedSamplesCallback(skip_log), *callbacks]
+    if model_args.compression_schedule is not None:  # staged visual context compression (trainer/compression.py)
+        callbacks.append(CompressionScheduleCallback(model_args.compression_schedule,
+                                                     model_args.compression_at_inference))
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=mixture.as_hf_dataset(), processing_class=processor,
-                         callbacks=[SkippedSamplesCallback(skip_log), *callbacks])
+                         callbacks=callbacks)
     keep_trol_modules_in_fp32(trainer.model)  # after SFTTrainer (which casts), before train() builds the optimizer
     if model_args.stage == 2 and model_args.quantization != "none":
         # TRL casts QLoRA's trainable parameters to bf16; Trainer's resume (PeftModel.load_adapter) would upcast LoRA
