@@ -20,6 +20,10 @@ The released checkpoints (see TROL.md section 4):
   num_image_tokens=1225)` (a 490-px CLIP ViT-L/14 without its CLS token: 35 x 35 tokens per image).
 - TroL-3.8B: `TrolProcessor(trol_internvl_image_processor(), tokenizer, chat_template=TROL_PHI3_TEMPLATE,
   num_image_tokens=256, image_context_token="<IMG_CONTEXT>", image_start_token="<img>", image_end_token="</img>")`.
+Their image processors (`TrolClipImageProcessor`, `TrolInternVLImageProcessor`) give the authors' pixel values bit
+for bit from the same 8-bit RGB image (tests/test_image_parity.py): the uint8 torch bicubic resize of TroL-1.8B/7B,
+the PIL tiling of TroL-3.8B. They save with an `AutoImageProcessor` auto_map entry and reload as themselves whether
+or not torchvision is installed.
 Both prompt formats put `<image>\n` where a `{"type": "image"}` block stands (at the start of the question for the
 released checkpoints). `generic_chat_template(tokenizer)` gives a template for other backbones.
 
@@ -30,22 +34,24 @@ import json
 import os
 import re
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from transformers import CLIPImageProcessorPil, GotOcr2ImageProcessorPil
+from transformers import IMAGE_PROCESSOR_MAPPING, AutoImageProcessor, CLIPImageProcessorPil, GotOcr2ImageProcessorPil
+from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PILImageResampling,
+    SizeDict,
     load_image,
 )
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 TROL_SYSTEM_PROMPT = (
@@ -181,25 +187,158 @@ def generic_chat_template(tokenizer, image_token: str = "<image>") -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Image processors of the released checkpoints, and image loading.
 # ----------------------------------------------------------------------------------------------------------------
-def trol_clip_image_processor(size: int = 490) -> CLIPImageProcessorPil:
-    """TroL-1.8B/7B preprocessing: bicubic resize of the 8-bit image to exactly size x size (no crop), then
-    (x - 255 * mean) / (255 * std) with the CLIP mean/std (done as rescale 1/255 + normalize).
+TORCH_BICUBIC_UINT8 = "torch_bicubic_uint8"
+PIL_RESIZE = "pil"
+RESIZE_METHODS = (TORCH_BICUBIC_UINT8, PIL_RESIZE)
 
-    The PIL backend is chosen on purpose: its numerics do not depend on whether torchvision is installed. The
-    authors' own code resized with torch `F.interpolate(uint8, mode="bicubic")`, which differs from PIL's bicubic
-    (no antialiasing when downscaling, kernel a=-0.75 instead of -0.5): a few gray levels on downscaled photos."""
-    return CLIPImageProcessorPil(
+
+def torch_bicubic_uint8_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, H, W) uint8 -> (C, height, width) uint8 with `F.interpolate(uint8, mode="bicubic")` on the CPU.
+
+    This is the original TroL-1.8B/7B resize (demo.py and test.py call it on `pil_to_tensor(image)`), which has its
+    own uint8 kernel: Keys cubic a=-0.75, half-pixel centres, border taps folded onto the edge pixels, int16
+    fixed-point weights and a rounded, clamped uint8 result after each axis (width first). Neither PIL's bicubic
+    (a=-0.5, antialiased) nor a float interpolate + round reproduce it: on noise they differ by tens of grey levels.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
+    resized = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bicubic", align_corners=False,
+                                              antialias=False)
+    return resized[0].numpy()
+
+
+class TrolClipImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    resize_method (`str`, *optional*, defaults to `"torch_bicubic_uint8"`):
+        `"torch_bicubic_uint8"`: the original TroL-1.8B/7B preprocessing, bit for bit: `F.interpolate` of the uint8
+        image (bicubic, align_corners=False, no antialiasing; `resample` is ignored), then (x - mean / rescale_factor)
+        / (std / rescale_factor) in float32, i.e. (x - 255 * mean) / (255 * std). `"pil"`: the transformers
+        `CLIPImageProcessorPil` pipeline, PIL resize with `resample` (use it for models trained with it).
+    """
+
+    resize_method: str
+
+
+class TrolClipImageProcessor(CLIPImageProcessorPil):
+    r"""TroL-1.8B/7B image processor: every image resized to exactly `size` (no crop), CLIP mean/std.
+
+    A CLIP image processor (PIL backend) whose resize is chosen by `resize_method` (see
+    `TrolClipImageProcessorKwargs`); the default reproduces the released checkpoints' preprocessing exactly. Saved
+    with an `AutoImageProcessor` auto_map entry, it reloads as this class whether or not torchvision is installed
+    (a plain CLIP processor would reload with the torchvision backend when it is, and other numerics).
+    Gives `pixel_values` (n_images, 3, H, W) float32.
+    """
+
+    valid_kwargs = TrolClipImageProcessorKwargs
+    resize_method = TORCH_BICUBIC_UINT8
+    size: ClassVar[dict[str, int]] = {"height": 490, "width": 490}
+    do_center_crop = False
+    crop_size = None
+
+    def __init__(self, **kwargs: Unpack[TrolClipImageProcessorKwargs]):
+        super().__init__(**kwargs)
+        _check_resize_method(self.resize_method)
+
+    def _preprocess(self, images: list[np.ndarray], resize_method: str | None = None, **kwargs) -> BatchFeature:
+        resize_method = resize_method or self.resize_method
+        _check_resize_method(resize_method)
+        if resize_method == PIL_RESIZE:
+            return super()._preprocess(images, **kwargs)
+        return self._preprocess_like_the_original(images, **kwargs)
+
+    def _preprocess_like_the_original(
+        self, images: list[np.ndarray], do_resize: bool, size: SizeDict, do_center_crop: bool, crop_size: SizeDict,
+        do_rescale: bool, rescale_factor: float, do_normalize: bool, image_mean, image_std, do_pad: bool | None,
+        pad_size: SizeDict | None, return_tensors, **kwargs,
+    ) -> BatchFeature:
+        processed = []
+        for image in images:  # (C, H, W) numpy arrays
+            if image.dtype != np.uint8:
+                raise ValueError(
+                    f"resize_method={TORCH_BICUBIC_UINT8!r} resizes 8-bit images, as the original code did, but got "
+                    f"{image.dtype} pixels. Pass PIL images or uint8 arrays (TrolProcessor turns any image into 8-bit "
+                    f"RGB), or use resize_method={PIL_RESIZE!r}."
+                )
+            if do_resize:
+                image = torch_bicubic_uint8_resize(image, size.height, size.width)
+            if do_center_crop:
+                image = self.center_crop(image, crop_size)
+            pixels = torch.from_numpy(np.ascontiguousarray(image)).float()
+            scale = 1.0 / rescale_factor if do_rescale else 1.0
+            if do_normalize:  # the original: (x - mean * 255) / (std * 255), float32 throughout
+                mean = torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1) * scale
+                std = torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1) * scale
+                pixels = (pixels - mean) / std
+            elif do_rescale:
+                pixels = pixels * rescale_factor
+            processed.append(pixels.numpy())
+        if do_pad:
+            processed = self.pad(processed, pad_size=pad_size)
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+
+def _check_resize_method(resize_method: str) -> None:
+    if resize_method not in RESIZE_METHODS:
+        raise ValueError(f"resize_method={resize_method!r} is not one of {RESIZE_METHODS}: {TORCH_BICUBIC_UINT8!r} "
+                         f"reproduces the released TroL-1.8B/7B preprocessing, {PIL_RESIZE!r} resizes with PIL.")
+
+
+class TrolInternVLImageProcessor(GotOcr2ImageProcessorPil):
+    r"""TroL-3.8B image processor (InternVL-1.5 dynamic tiling, PIL backend), the original `dynamic_preprocess` +
+    `build_transform(448)` of the authors' utils/utils.py, bit for bit: 1..max_patches tiles of `size` on the grid
+    closest to the image's aspect ratio (ties go to the larger grid while the image covers more than half of it),
+    cut row-major from one PIL bicubic resize of the whole image, plus a PIL bicubic thumbnail of the whole image when
+    there is more than one tile; x / 255, ImageNet mean/std. Gives `pixel_values` (n_tiles_total, 3, H, W) and
+    `num_patches` (tiles per image).
+
+    The numerics are transformers' `GotOcr2ImageProcessorPil`; this class pins them: saved with an
+    `AutoImageProcessor` auto_map entry, it reloads as itself whether or not torchvision is installed (a plain
+    GotOcr2 processor reloads with the torchvision backend when it is, whose antialiased tensor resize differs from
+    PIL's by up to 2 grey levels).
+    """
+
+    size: ClassVar[dict[str, int]] = {"height": 448, "width": 448}
+    crop_to_patches = True
+    min_patches = 1
+    max_patches = 6
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+
+
+for _image_processor_class in (TrolClipImageProcessor, TrolInternVLImageProcessor):
+    _image_processor_class.register_for_auto_class("AutoImageProcessor")  # save_pretrained writes the auto_map
+    # Registered by name (the key maps no config), so that AutoImageProcessor / TrolProcessor.from_pretrained find
+    # the saved `image_processor_type` wherever this module is imported, without trust_remote_code. Both backends
+    # name the same class: its numerics must not depend on whether torchvision is installed. The first import wins:
+    # a copy of this file loaded later (a hub folder's, with trust_remote_code) does not replace the local class.
+    _key = f"trol:{_image_processor_class.__name__}"
+    if _key not in IMAGE_PROCESSOR_MAPPING:
+        AutoImageProcessor.register(
+            _key, image_processor_classes={"pil": _image_processor_class, "torchvision": _image_processor_class},
+        )
+
+
+def trol_clip_image_processor(size: int = 490, resize_method: str = TORCH_BICUBIC_UINT8) -> TrolClipImageProcessor:
+    """TroL-1.8B/7B preprocessing: resize of the 8-bit image to exactly size x size (no crop), then
+    (x - 255 * mean) / (255 * std) with the CLIP mean/std.
+
+    `resize_method="torch_bicubic_uint8"` (default) is the released checkpoints' preprocessing, bit for bit (their
+    demo.py / test.py resize `pil_to_tensor(image)` with `F.interpolate(mode="bicubic")` and normalise in float32).
+    `resize_method="pil"` resizes with PIL's bicubic instead (antialiased, a=-0.5), the transformers CLIP pipeline:
+    keep it for models trained with it; on downscaled photos it differs from the original by a few grey levels
+    (tens on noise)."""
+    _check_resize_method(resize_method)
+    return TrolClipImageProcessor(
         do_resize=True, size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
         do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True,
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True, resize_method=resize_method,
     )
 
 
-def trol_internvl_image_processor(tile_size: int = 448, max_tiles: int = 6) -> GotOcr2ImageProcessorPil:
-    """TroL-3.8B preprocessing (InternVL-1.5 dynamic tiling): 1..max_tiles tiles on the grid closest to the image's
-    aspect ratio (ties go to the larger grid while the image covers more than half of it), plus a thumbnail when
-    there is more than one tile; bicubic, ImageNet mean/std. Gives `num_patches` (tiles per image)."""
-    return GotOcr2ImageProcessorPil(
+def trol_internvl_image_processor(tile_size: int = 448, max_tiles: int = 6) -> TrolInternVLImageProcessor:
+    """TroL-3.8B preprocessing (InternVL-1.5 dynamic tiling, see `TrolInternVLImageProcessor`): 1..max_tiles tiles
+    of tile_size px plus a thumbnail when there is more than one tile; bicubic (PIL), ImageNet mean/std. Gives
+    `num_patches` (tiles per image)."""
+    return TrolInternVLImageProcessor(
         size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
         resample=PILImageResampling.BICUBIC, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD,
     )
@@ -491,9 +630,12 @@ __all__ = [
     "TROL_INTERNLM2_TEMPLATE",
     "TROL_PHI3_TEMPLATE",
     "TROL_SYSTEM_PROMPT",
+    "TrolClipImageProcessor",
+    "TrolInternVLImageProcessor",
     "TrolProcessor",
     "generic_chat_template",
     "load_rgb_image",
+    "torch_bicubic_uint8_resize",
     "trol_clip_image_processor",
     "trol_internvl_image_processor",
 ]

@@ -352,12 +352,12 @@ def test_bad_arrays_and_types_are_refused(bad, error, message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Preprocessing numerics of the released checkpoints (independent computations with PIL / numpy)
+# Preprocessing numerics (independent computations with PIL / numpy; the original code's: test_image_parity.py)
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("width,height", [(640, 480), (300, 500), (490, 490)])
-def test_trol_clip_preprocessing_matches_bicubic_resize_then_255_scale_normalisation(width, height):
-    image = noise_image(width, height, seed=width)
-    pixels = trol_clip_image_processor(490)(image, return_tensors="np")["pixel_values"][0]
+def test_pil_resize_option_matches_pil_bicubic_resize_then_255_scale_normalisation(width, height):
+    image = noise_image(width, height, seed=width)  # the default resize (the released checkpoints'): test_image_parity
+    pixels = trol_clip_image_processor(490, resize_method="pil")(image, return_tensors="np")["pixel_values"][0]
     resized = np.asarray(image.resize((490, 490), PIL.Image.BICUBIC)).astype(np.float64)  # uint8 -> uint8, HWC
     expected = (resized - 255 * np.array(CLIP_MEAN)) / (255 * np.array(CLIP_STD))
     np.testing.assert_allclose(pixels.transpose(1, 2, 0), expected, atol=1e-5, rtol=0)
