@@ -21,6 +21,7 @@ import PIL.Image
 import pytest
 import torch
 from test_loading import run_clean_process
+from test_processor import _internvl_grid as original_grid  # utils.py find_closest_aspect_ratio
 from tiny import char_tokenizer
 from transformers import AutoImageProcessor, CLIPImageProcessorPil
 from transformers.image_utils import PILImageResampling
@@ -82,20 +83,6 @@ def original_clip_pixels(image: PIL.Image.Image, size: int = 490) -> torch.Tenso
     mean = torch.tensor(CLIP_MEAN).view(1, -1, 1, 1) * 255
     std = torch.tensor(CLIP_STD).view(1, -1, 1, 1) * 255
     return (torch.stack([tensor]) - mean) / std
-
-
-def original_grid(width: int, height: int, max_num: int = 6, image_size: int = 448) -> tuple[int, int]:
-    """utils.py `find_closest_aspect_ratio` over its candidate set and order: (columns, rows)."""
-    targets = sorted({(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                      if 1 <= i * j <= max_num}, key=lambda r: r[0] * r[1])
-    best_diff, best = float("inf"), (1, 1)
-    for ratio in targets:
-        diff = abs(width / height - ratio[0] / ratio[1])
-        if diff < best_diff:
-            best_diff, best = diff, ratio
-        elif diff == best_diff and width * height > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-            best = ratio
-    return best
 
 
 def original_internvl_pixels(image: PIL.Image.Image, image_size: int = 448, max_num: int = 6) -> torch.Tensor:
@@ -236,7 +223,7 @@ def test_tiling_processor_gives_the_original_tiles_and_pixels(kind, width, heigh
     image = MAKERS[kind](width, height, seed=height)
     out = tiling_processor()(images=image, text="<image>", return_tensors="pt")
     expected = original_internvl_pixels(image)
-    columns, rows = original_grid(width, height)
+    columns, rows = original_grid(width, height, 6)
     assert expected.shape[0] == columns * rows + (columns * rows > 1)
     assert out["input_ids"][0].tolist().count(tiling_processor().image_token_id) == 2 * expected.shape[0]
     torch.testing.assert_close(out["pixel_values"], expected, rtol=0, atol=1e-5)
