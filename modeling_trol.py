@@ -840,6 +840,26 @@ class TrolForConditionalGeneration(TrolPreTrainedModel, GenerationMixin):
             traversal_mask = traversal_mask.to(prompt.device, torch.bool)
         return super().generate(inputs, generation_config, traversal_mask=traversal_mask, **kwargs)
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """As GenerationMixin's (beam search, num_return_sequences), except for pixel_values (n_images, C, S, S), which
+        are not one row per sample: each sample's images are repeated as a block, so every copy of a sample sees its
+        own images in order (a plain repeat_interleave would hand a 2-image sample's copies [img0, img0], [img1, img1])."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None and input_ids.ndim == 2:
+            per_image = self.config.image_seq_length
+            counts = ((input_ids == self.config.image_token_id).sum(1) // per_image).tolist()
+            if sum(counts) == pixel_values.shape[0]:
+                pixel_values = torch.cat([images for images in pixel_values.split(counts) for _ in range(expand_size)])
+            else:  # not image-token prompts the model can merge (it raises a clear error): keep transformers' rule
+                pixel_values = pixel_values.repeat_interleave(expand_size, dim=0)
+        elif pixel_values is not None and expand_size > 1:
+            pixel_values = pixel_values.repeat_interleave(expand_size, dim=0)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
+                                                                        **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
     def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
                                  *args, **kwargs):
         # An assistant (draft) model gets the generation kwargs too: the traversal mask is this model's own business.

@@ -217,6 +217,43 @@ def test_beam_search_with_compression_means_the_same_with_and_without_cache(deco
     assert torch.equal(model.generate(**kwargs), model.generate(use_cache=False, **kwargs))
 
 
+def test_beam_search_gives_every_copy_of_a_sample_its_own_images():
+    """generate() copies each sample for its beams; pixel_values hold 1 and 2 images for the two samples here, and
+    each copy must get its own sample's images in order (checked against generation from hand-merged embeddings,
+    which involves no pixel_values)."""
+    rows = ((1, 2, 3), (2, 1, 2))
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.weight.mul_(100)  # make the images matter to the scores
+    ids, mask, pixels = mixed_batch(rows)
+    _, expanded = model._expand_inputs_for_generation(expand_size=3, input_ids=ids, pixel_values=pixels)
+    assert torch.equal(expanded["pixel_values"], pixels[[0, 0, 0, 1, 2, 1, 2, 1, 2]])
+    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "num_beams": 3,
+              "return_dict_in_generate": True, "output_scores": True}
+    from_pixels = model.generate(input_ids=ids, pixel_values=pixels, **kwargs)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds[ids == IMAGE_TOKEN] = model.get_image_features(pixels).reshape(-1, embeds.shape[-1])
+        from_embeds = model.generate(inputs_embeds=embeds, **kwargs)
+    assert torch.equal(from_pixels.sequences[:, ids.shape[1]:], from_embeds.sequences)
+    torch.testing.assert_close(from_pixels.sequences_scores, from_embeds.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_beam_search_over_samples_with_different_image_counts_equals_each_sample_alone():
+    rows = ((1, 2, 3), (2, 1, 2))
+    model = compressed(tiny_model("llama"), layer=1, stride=3)
+    ids, mask, pixels = mixed_batch(rows)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "num_beams": 3, "num_return_sequences": 2,
+              "return_dict_in_generate": True, "output_scores": True}
+    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)
+    for row in range(len(rows)):
+        real = mask[row].bool()
+        alone = model.generate(input_ids=ids[row:row + 1, real], pixel_values=pixels[images_of(rows, row)], **kwargs)
+        ours = slice(2 * row, 2 * row + 2)
+        assert torch.equal(batched.sequences[ours, ids.shape[1]:], alone.sequences[:, int(real.sum()):])
+        torch.testing.assert_close(batched.sequences_scores[ours], alone.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
 def test_hand_driven_decoding_loop_on_a_compressed_cache_needs_nothing_extra():
     """The cache carries the compressed padding mask: a plain loop of forward calls decodes as generate() does."""
     model = compressed(tiny_model("llama"), layer=0, stride=3)
