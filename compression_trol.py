@@ -99,7 +99,11 @@ class CompressedCache:
 
 
 def cache_record(cache) -> CompressedCache | None:
-    return getattr(cache, CACHE_RECORD, None) if cache is not None else None
+    """The cache's compression record; None when there is none or the cache was emptied since (`cache.reset()`)."""
+    record = getattr(cache, CACHE_RECORD, None) if cache is not None else None
+    if record is not None and int(cache.get_seq_length(record.layer)) == 0:
+        return None
+    return record
 
 
 def seen_tokens(cache) -> int:
@@ -206,7 +210,7 @@ class CompressionPlan:
             return
         if int(cache.get_seq_length(self.layer)) != self.past_length + self.length:
             return  # the call did not update the cache (training with gradient checkpointing drops it)
-        previous = cache_record(cache)
+        previous = cache_record(cache) if self.past_length else None  # a record older than an emptied cache is stale
         removed = (previous.removed if previous is not None else 0) + self.input_length - self.length
         setattr(cache, CACHE_RECORD, CompressedCache(self.layer, self.kv_mask, removed))
 

@@ -271,6 +271,11 @@ def test_hand_driven_decoding_loop_on_a_compressed_cache_needs_nothing_extra():
         step = model(input_ids=token[:, None], attention_mask=attention, past_key_values=cache,
                      position_ids=position_ids_from(attention)[:, -1:], use_cache=True).logits[:, -1]
     torch.testing.assert_close(torch.stack(logits, 1), torch.stack(out.logits, 1), rtol=1e-5, atol=1e-5)
+    cache.reset()  # an emptied cache starts afresh, whatever its record said
+    again = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache,
+                  position_ids=position_ids_from(mask), use_cache=True).logits[:, -1]
+    torch.testing.assert_close(again, logits[0], rtol=1e-5, atol=1e-5)
+    assert getattr(cache, CACHE_RECORD).removed == 4
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
