@@ -620,7 +620,10 @@ class TrolModel(TrolPreTrainedModel):
         **kwargs,
     ) -> TrolModelOutputWithPast:
         """input_ids (B, q) or inputs_embeds (B, q, H); pixel_values (n_images, C, S, S) with one expanded image
-        placeholder per image; traversal_mask (B, q) bool overrides the default traversal rule for this call."""
+        placeholder per image; traversal_mask (B, q) bool overrides the default traversal rule for this call.
+
+        With visual context compression on (`config.compression_layer`), layers >= K run on a shorter sequence, yet
+        last_hidden_state is (B, q, H): image positions hold their group's state, padding positions zeros."""
         if (input_ids is None) == (inputs_embeds is None):
             given = "both" if input_ids is not None else "neither"
             raise ValueError(f"Give exactly one of input_ids or inputs_embeds ({given} was given).")
