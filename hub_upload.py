@@ -9,7 +9,7 @@ SRC is any TroL folder: a merged training output (`trol-train merge`), a convert
 with `model.save_pretrained(SRC)` + `processor.save_pretrained(SRC)`. Steps:
 1. check SRC (TroL config, complete safetensors weights, processor, chat template; a LoRA adapter is refused);
 2. assemble the release (a fresh temporary folder, or `--output DIR`, new or empty): the model loaded once and saved
-   once as safetensors (sharded above `--max-shard-size`), `config.json` with the full `auto_map`, the three
+   once as safetensors (sharded above `--max-shard-size`), `config.json` with the full `auto_map`, the
    remote-code files of THIS repository (never SRC's copies; checked by hash), processor, tokenizer, chat template,
    generation config;
 3. write README.md (huggingface_hub ModelCard): metadata, usage, traversal settings, training details read from
@@ -62,7 +62,9 @@ from trol.modeling_trol import AUTO_MAP, TrolForConditionalGeneration
 from trol.processing_trol import TrolProcessor
 from trol.trainer.train import ARGS_FILE
 
-REMOTE_CODE = ("configuration_trol.py", "modeling_trol.py", "compression_trol.py", "processing_trol.py")
+REMOTE_CODE = (
+    "configuration_trol.py", "modeling_trol.py", "traversal_trol.py", "compression_trol.py", "processing_trol.py"
+)
 REPO_DIR = Path(modeling_trol.__file__).resolve().parent  # the code that loads the weights is the code that ships
 CONVERSION_FILE = "trol_conversion.json"
 TAGS = ["trol", "custom_code", "vision-language", "image-text-to-text"]

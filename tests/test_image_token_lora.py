@@ -15,7 +15,7 @@ from tiny import (
 )
 from transformers import BitsAndBytesConfig
 from trol import TrolConfig, TrolForConditionalGeneration
-from trol.modeling_trol import decoder_layers
+from trol.traversal_trol import decoder_layers
 
 RANK = 4
 
@@ -167,7 +167,7 @@ def test_peft_lora_on_top_keeps_one_image_token_delta():
         r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=True))
     torch.testing.assert_close(wrapped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, expected,
                                atol=1e-6, rtol=1e-6)
-    from trol.modeling_trol import install_image_token_lora
+    from trol.traversal_trol import install_image_token_lora
 
     install_image_token_lora(wrapped.base_model.model)  # idempotent: must not hook the PEFT wrapper a second time
     torch.testing.assert_close(wrapped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, expected,
