@@ -89,6 +89,7 @@ def main() -> int:
     guarded("4-bit NF4 on CUDA", lambda: nf4(folder, ids, mask, pixels, expected, real))
     guarded("device_map cuda:0 + cpu offload", lambda: offload(folder, ids, mask, pixels, expected, real))
     guarded("device_map=auto over GPUs", lambda: several_gpus(folder, ids, mask, pixels, expected, real))
+    guarded("image-token LoRA + compression in bf16", lambda: lora_and_compression(ids, mask, pixels, real))
     return 0 if all(ok for _, ok, _ in RESULTS) else 1
 
 
@@ -116,6 +117,26 @@ def offload(folder, ids, mask, pixels, expected, real):
     check("device_map cuda:0 + cpu offload: logits", error < 1e-4, f"max|d|={error:.3g}")
     error = cached_equals_uncached(model, ids, mask, pixels)
     check("device_map cuda:0 + cpu offload: cached == uncached", error < 1e-4, f"max|d|={error:.3g}")
+
+
+def lora_and_compression(ids, mask, pixels, real):
+    """The two features added for the released checkpoints and LLaVolta, on CUDA in bf16 (sdpa): image-token LoRA
+    (random A/B) with compression at inference (K=1, S=2): bf16 vs fp32 logits, and cached == uncached decoding."""
+    folder = Path(tempfile.mkdtemp()) / "lora"
+    model = tiny_model("llama", image_token_lora_rank=4, compression_layer=1, compression_stride=2,
+                       compression_at_inference=True)
+    with torch.no_grad():
+        for parameter in model.model.image_token_lora.parameters():
+            parameter.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    reference = TrolForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    expected = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    model = TrolForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    error = (logits.float()[real] - expected[real]).abs().max().item()
+    check("image-token LoRA + compression, bf16: logits vs fp32", error < 0.1, f"max|d|={error:.3g}")
+    error = cached_equals_uncached(reference, ids, mask, pixels)
+    check("image-token LoRA + compression, fp32: cached == uncached", error < 1e-4, f"max|d|={error:.3g}")
 
 
 def several_gpus(folder, ids, mask, pixels, expected, real):
