@@ -27,7 +27,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(MODEL_DIR),
                         help="TroL folder or hub id (default: the embedded demo model)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="weights dtype (auto: as saved; bfloat16/float16 on a GPU)")
+                        help="weights dtype (auto: as saved in the folder)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, mps, or auto (a device map over every GPU); default: cuda if "
                              "available, else cpu")
@@ -53,7 +53,8 @@ def load(args: argparse.Namespace):
     if args.load_in_4bit or args.load_in_8bit:
         from transformers import BitsAndBytesConfig
 
-        compute = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else torch.float32
+        default = torch.bfloat16 if device.startswith("cuda") or device == "auto" else torch.float32
+        compute = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else default
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
