@@ -38,10 +38,11 @@ BUDGET = {
     "train_images": 3000,         # x 6-8 questions (+ a caption in half of them): ~21k answers
     "questions_per_image": (6, 8),
     "describe_rate": 0.5,
-    "train_kind_weights": {"position": 2.0},  # the hardest kind, twice as often in training (test sets: uniform)
+    # the hardest kind twice as often in training, and the training-only `where` (test sets: the six kinds, uniform)
+    "train_kind_weights": {"position": 2.0, "where": 1.0},
     "test_images": 600,           # one question each
     "demo_images": 12,            # three questions each, bundled in demo/images
-    "stage0_epochs": 8,           # ~750 steps of 32 conversations
+    "stage0_epochs": 8,           # ~3000 steps of 8 conversations (stage0.py: why 8, not 32)
     "stage0_learning_rate": 1e-3,
     "stage1_learning_rate": 1e-3,
     "stage2_learning_rate": 1e-3,
@@ -52,8 +53,10 @@ STAGE_OVERRIDES = {
     "dtype": ("float32", "CPU: no bf16 speed-up on most CPUs, and a 1M-parameter model gains nothing from it"),
     "bf16": ("false", "as dtype"),
     "use_cpu": ("true", "2 CPU cores, no GPU"),
-    "per_device_train_batch_size": ("32", "one process; 32 x 1 instead of 16 x 8 GPUs"),
-    "gradient_accumulation_steps": ("1", "global batch 32 instead of 768: the data is ~3k conversations, not 2.27M"),
+    "per_device_train_batch_size": ("8", ("one process; global batch 8 instead of 768 (16 x 8 GPUs x 6): the data is "
+                                          "~3k conversations, not 2.27M, and a fresh projector needs ~375 steps, "
+                                          "not 94, to bring back what stage 0 learned")),
+    "gradient_accumulation_steps": ("1", "as the batch"),
     "learning_rate": ("{lr}", "a fresh projector on a tiny model in ~100 steps: 1e-3 instead of 1e-4"),
     "lr_scheduler_kwargs": ('{{"min_lr": {min_lr}}}', "cosine down to 1% of the peak, as 1e-4 -> 1e-6"),
     "activation_checkpointing": ("false", "memory is no issue at this size; recomputation would cost time"),
@@ -185,11 +188,13 @@ end to end offline; it knows nothing about real images.
 {report["machine"]}):
 
 1. data: `trol.demo.generator`, {report["budget"]["train_images"]} training images (seed {TRAIN_SEED}) with 6-8
-   questions each (relative-position questions twice as often as the other kinds) and a caption in half of them,
-   LLaVA-style json; held-out sets from other seeds, all kinds equally often.
+   questions each (relative-position questions twice as often as the other kinds, plus training-only "Where is the
+   red circle?" questions) and a caption in half of them, LLaVA-style json; held-out sets from other seeds, the six
+   question kinds equally often.
 2. **stage 0** (`trol.demo.stage0`): no pretrained backbone can be downloaded, so the tiny CLIP vision encoder
-   (first as a per-patch object and position classifier) and the tiny Llama decoder (with its own word-level byte-BPE tokenizer)
-   are trained from scratch on the same data as a plain LLaVA-style model, traversal off. Its projector is dropped.
+   (first as a per-patch object and position classifier, then frozen) and the tiny Llama decoder (with its own
+   word-level byte-BPE tokenizer) are trained from scratch on the same data as a plain LLaVA-style model, traversal
+   off, in batches of 8. Its projector is dropped.
 3. stage 1 and stage 2 run exactly as for a real model, with `trol-train` and the recipes `trainer/recipes/stage1.yaml`
    (projector + gates; backbones frozen) and `stage2.yaml` (4-bit NF4 QLoRA + projector + gates), then
    `trol-train merge`. Flags that differ from the recipes, and why:

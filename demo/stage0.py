@@ -5,13 +5,22 @@ downloaded here, so stage 0 makes both: a tiny CLIP vision encoder (48-px images
 per grid cell) and a tiny Llama decoder with a word-level byte-BPE tokenizer, trained *jointly* as a plain LLaVA-style
 model (traversal off, `use_traversal=False`) on the same generated question/answer data, with a plain PyTorch loop
 (AdamW, warm-up + cosine, loss on the answers only), after a short "pretraining" of the encoder as a per-patch
-object/position classifier. It then saves, as if downloaded from the hub:
+object/position classifier; the encoder stays frozen from then on, as pretrained encoders do in LLaVA-style training.
+It then saves, as if downloaded from the hub:
 
     OUT/vision   CLIPVisionModel + its image processor       (trol-train --vision_model OUT/vision)
     OUT/text     LlamaForCausalLM + tokenizer (with a chat    (trol-train --language_model OUT/text)
                  template carrying {% generation %} markers)
 
 Its projector is thrown away: stage 1 starts, as for a real model, from a fresh projector and fresh gates.
+
+Batches of 8 conversations, not 32: the relative-position questions ("Is the red circle left of the blue square?")
+need two objects looked up and their places compared, and the decoder learned that only after ~2000 optimizer
+steps, abruptly (measured with the build's data, 3000 images x 8 epochs, which holds the training-only `where`
+questions: at chance up to step 1750, 83% at 2000, 97% at 2750); with batches of 32 the same epochs are 750 steps and
+those questions stayed at chance, as they did without the `where` questions. Batches of 8 cost about as much CPU time
+per epoch on this 1M-parameter model. The encoder's pretraining runs 600 steps (~10 s): after 150 the
+patches' rows and columns were linearly decodable from its features for only 90-96% of the objects, after 600 for all.
 
     python -m trol.demo.stage0 --data data/train/data.json --out work/stage0 --epochs 8
 """
@@ -215,9 +224,9 @@ def train_backbones(data_json: str | Path, out_dir: str | Path, **kwargs) -> Pat
     return Path(out_dir)
 
 
-def train_jointly(data_json: str | Path, epochs: float = 8, batch_size: int = 32, learning_rate: float = 1e-3,
-                  warmup_steps: int = 100, vision_steps: int = 150, seed: int = 0, scale: float = 1.0,
-                  freeze_vision: bool = False, log_every: int = 50, callback=None, device: str = "cpu"):
+def train_jointly(data_json: str | Path, epochs: float = 8, batch_size: int = 8, learning_rate: float = 1e-3,
+                  warmup_steps: int = 200, vision_steps: int = 600, seed: int = 0, scale: float = 1.0,
+                  freeze_vision: bool = True, log_every: int = 250, callback=None, device: str = "cpu"):
     """Stage 0: the vision encoder's patch classification (`pretrain_vision`, on `scenes.json` next to the data),
     then a plain (traversal off) LLaVA-style model trained on the questions, every parameter, loss on the answers.
     Returns (model, processor)."""
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="LLaVA json of the generator (data.json)")
     parser.add_argument("--out", required=True, help="folder for vision/ and text/")
     parser.add_argument("--epochs", type=float, default=8)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="width multiplier of both backbones")

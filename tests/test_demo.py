@@ -49,15 +49,15 @@ def test_embedded_model_loads_through_trust_remote_code_in_a_clean_process():
 
 
 def test_trol_demo_answers_the_bundled_held_out_questions(capsys):
-    """The figures the README and the model card state: the demo set's accuracy, and the held-out kinds the model
-    has learned (all but the two-object position comparisons, which stay near chance)."""
+    """The figures the README and the model card state: the demo set's accuracy (the bar: 90%), and that what it
+    gets wrong are two-object position comparisons, the one kind it has not fully learned (62% held-out)."""
     questions = load_questions(QUESTIONS_FILE)
     assert len(questions) >= 30 and all((IMAGES_DIR / q["image"].rsplit("/", 1)[-1]).exists() for q in questions)
     score = run(["demo"])
     out = capsys.readouterr().out
     report = json.loads((MODEL_DIR / "build_report.json").read_text())
     assert score == pytest.approx(report["demo"]["accuracy"])
-    assert score >= 0.85
+    assert score >= 0.90
     learned = [line for line in out.splitlines() if line.endswith((" ok", " WRONG"))]
     assert len(learned) == len(questions) and questions[0]["question"] in out
     by_kind = [q["kind"] for q in questions]
@@ -186,6 +186,22 @@ def test_generator_answers_are_right_about_the_scene():
                 assert (q["answer"] == "yes") == (a.col < b.col)
             elif kind == "exists":
                 assert (q["answer"] == "yes") == any(o.name == " ".join(words[-2:]) for o in scene)
+        where = generator.ask(scene, rng, "where")
+        obj = next(o for o in scene if where["question"] == f"Where is the {o.color} {o.shape}?")
+        cells = [["top left", "top center", "top right"], ["middle left", "center", "middle right"],
+                 ["bottom left", "bottom center", "bottom right"]]
+        assert where["answer"] == cells[obj.row][obj.col]
+
+
+def test_generator_draws_training_only_kinds_only_when_weighted(tmp_path):
+    """`where` questions are a training signal: absent from default (evaluation) sets, present when weighted."""
+    import collections
+
+    plain = json.loads(generator.generate(tmp_path / "plain", 60, 5, (3, 3)).with_name("questions.json").read_text())
+    weighted = json.loads(generator.generate(tmp_path / "aux", 60, 5, (3, 3), kind_weights={"where": 1.0})
+                           .with_name("questions.json").read_text())
+    assert "where" not in {q["kind"] for q in plain} and set(generator.KINDS) == {q["kind"] for q in plain}
+    assert collections.Counter(q["kind"] for q in weighted)["where"] > 10
 
 
 def test_trol_console_script_is_installed():
