@@ -1,6 +1,6 @@
 """Rebuild the embedded demo model `demo/model/` (and the bundled images `demo/images/`) with one command:
 
-    python -m trol.demo.build                 # about 12 min on 2 idle CPU cores (a budget of 30)
+    python -m trol.demo.build                 # about 14 min on 2 idle CPU cores (a budget of 30)
     python -m trol.demo.build --work /tmp/trol-build --out /tmp/demo-model     # elsewhere, keeping the work folder
 
 Steps, each printed with its command and time:
@@ -57,7 +57,7 @@ STAGE_OVERRIDES = {
                                           "~3k conversations, not 2.27M, and a fresh projector needs ~375 steps, "
                                           "not 94, to bring back what stage 0 learned")),
     "gradient_accumulation_steps": ("1", "as the batch"),
-    "learning_rate": ("{lr}", "a fresh projector on a tiny model in ~100 steps: 1e-3 instead of 1e-4"),
+    "learning_rate": ("{lr}", "a fresh projector on a tiny model in a few hundred steps: 1e-3 instead of 1e-4"),
     "lr_scheduler_kwargs": ('{{"min_lr": {min_lr}}}', "cosine down to 1% of the peak, as 1e-4 -> 1e-6"),
     "activation_checkpointing": ("false", "memory is no issue at this size; recomputation would cost time"),
     "report_to": ("none", "no tensorboard in a build"),

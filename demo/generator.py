@@ -20,8 +20,8 @@ inside its cell. Questions (one answer word each, so exact match is the metric):
 `describe` is a caption (several words) and a training signal only, as captions are in the paper's data: it teaches
 the decoder where each object's words come from. `where` (`AUX_KINDS`) is a training signal too, drawn only when the
 kind weights name it: it makes the decoder locate one object, the first half of a `position` question (without it,
-in stage 0 the `position` questions stayed at chance; with it they reached 97%). Evaluation sets (`generate(..., describe=0)`) hold only the
-one-word kinds.
+in stage 0 the `position` questions stayed at chance; with it they reached 97%). Evaluation sets (`generate(...,
+describe=0)`, no weights) hold only the six one-word kinds.
 
 Everything is drawn from `random.Random(seed)`: the same seed gives the same images and questions on every platform
 (the PNG pixels and the json text; PNG bytes could differ with another zlib). Images are drawn at 4x and reduced
@@ -126,7 +126,7 @@ def describe(scene: list[Obj]) -> dict:
 
 def ask(scene: list[Obj], rng: random.Random, kind: str | None = None, weights: dict | None = None) -> dict | None:
     """One question about the scene: {"question", "answer", "kind"}; None when `kind` cannot be asked about it.
-    Without `kind`, one is drawn with `weights` (default: uniform)."""
+    Without `kind`, one is drawn with `weights` (default: uniform over KINDS; AUX_KINDS only when weighted)."""
     kinds = KINDS + AUX_KINDS
     kind = kind or rng.choices(kinds, [(weights or {}).get(k, 0.0 if k in AUX_KINDS else 1.0) for k in kinds])[0]
     if kind == "color":
