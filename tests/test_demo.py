@@ -40,6 +40,16 @@ def test_embedded_model_is_small_safetensors_with_remote_code_and_card():
     assert "held-out" in (MODEL_DIR / "README.md").read_text().lower()
 
 
+def test_embedded_model_carries_this_repositorys_remote_code():
+    """demo/model holds copies of the remote-code files (a hub folder must); they must not go stale when the
+    package's files change."""
+    from trol.hub_upload import REMOTE_CODE, REPO_DIR
+
+    stale = [name for name in REMOTE_CODE if (MODEL_DIR / name).read_bytes() != (REPO_DIR / name).read_bytes()]
+    assert not stale, (f"demo/model has stale copies of {stale}: copy them over (cp {' '.join(stale)} demo/model/), "
+                       "or rebuild the model (python -m trol.demo.build) if the change alters its weights' format")
+
+
 def test_embedded_model_loads_through_trust_remote_code_in_a_clean_process():
     from trol.hub_upload import validate_release
 
