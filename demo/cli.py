@@ -78,11 +78,9 @@ def load(args: argparse.Namespace):
 
 
 def _inputs(model, processor, images: list[str], question: str):
-    from ..processing_trol import load_rgb_image
+    from .evaluate import chat
 
-    content = [{"type": "image", "image": load_rgb_image(image)} for image in images]
-    chat = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
-    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+    inputs = processor.apply_chat_template(chat(images, question), add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt").to(model.device)
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -39,9 +39,11 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     return [{**q, "image": str(path.parent / q["image"])} for q in questions]
 
 
-def chat(image, question: str) -> list[dict]:
-    """A one-turn chat: the image, then the question (as the training data puts it)."""
-    content = [] if image is None else [{"type": "image", "image": image}]
+def chat(images, question: str) -> list[dict]:
+    """A one-turn chat: the image(s) (None, one, or a list; anything `load_rgb_image` reads), then the question (as
+    the training data puts it)."""
+    images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+    content = [{"type": "image", "image": load_rgb_image(image)} for image in images]
     return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
 
 
@@ -49,7 +51,7 @@ def chat(image, question: str) -> list[dict]:
 def answer(model, processor, images: Sequence, questions: Sequence[str], max_new_tokens: int = 4,
            num_beams: int = 1) -> list[str]:
     """Greedy (or beam) answers to a batch of (image, question) pairs; images are anything `load_rgb_image` reads."""
-    chats = [chat(load_rgb_image(image), question) for image, question in zip(images, questions)]
+    chats = [chat(image, question) for image, question in zip(images, questions)]
     inputs = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", processor_kwargs={"padding": True}).to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -129,18 +129,14 @@ def ask(scene: list[Obj], rng: random.Random, kind: str | None = None, weights: 
     Without `kind`, one is drawn with `weights` (default: uniform over KINDS; AUX_KINDS only when weighted)."""
     kinds = KINDS + AUX_KINDS
     kind = kind or rng.choices(kinds, [(weights or {}).get(k, 0.0 if k in AUX_KINDS else 1.0) for k in kinds])[0]
-    if kind == "color":
-        unique = [o for o in scene if sum(p.shape == o.shape for p in scene) == 1]
+    if kind in ("color", "shape"):  # ask one attribute of an object named by the other, unique in the scene
+        named_by = "shape" if kind == "color" else "color"
+        unique = [o for o in scene if sum(getattr(p, named_by) == getattr(o, named_by) for p in scene) == 1]
         if not unique:
             return None
         obj = rng.choice(unique)
-        return {"question": f"What color is the {obj.shape}?", "answer": obj.color, "kind": kind}
-    if kind == "shape":
-        unique = [o for o in scene if sum(p.color == o.color for p in scene) == 1]
-        if not unique:
-            return None
-        obj = rng.choice(unique)
-        return {"question": f"What shape is the {obj.color} object?", "answer": obj.shape, "kind": kind}
+        name = obj.shape if kind == "color" else f"{obj.color} object"
+        return {"question": f"What {kind} is the {name}?", "answer": getattr(obj, kind), "kind": kind}
     if kind == "count_shape":
         shape = rng.choice(SHAPES)
         return {"question": f"How many {_plural(shape)} are there?",

@@ -101,9 +101,7 @@ def build_map(model, processor, image, question: str, answer: str = "", image_to
     if image_tokens not in ("auto", "all", "mean"):
         raise ValueError(f"image_tokens={image_tokens!r}: use 'auto', 'all' or 'mean'.")
     images = [] if image is None else image if isinstance(image, (list, tuple)) else [image]
-    conversation = chat(None, question)
-    conversation[0]["content"][:0] = [{"type": "image", "image": load_rgb_image(i)} for i in images]
-    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+    inputs = processor.apply_chat_template(chat(images, question), add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt").to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
